@@ -1,0 +1,249 @@
+"""Gradient checkpointing modes and the proof that the asked mode is in effect.
+
+- ``off``: activations of every decoder layer stay on the device for the backward pass.
+- ``on``: transformers' non-reentrant checkpointing; each decoder layer keeps only its
+  input and is recomputed in the backward pass.
+- ``offload``: like Unsloth's ``use_gradient_checkpointing="unsloth"``: each decoder
+  layer's input hidden state is copied to pinned host memory (on a side stream on CUDA),
+  the layer runs without saving activations, and in the backward pass the input is
+  brought back and the layer recomputed. (Unsloth falls back to plain checkpointing
+  below 512 tokens; this harness does not, so the mode is what it says at every length.)
+
+Evidence, collected on every step by :class:`Evidence`:
+- layer runs in the forward and in the backward pass (a recomputation is a layer run
+  during the backward pass), seen through forward pre-hooks on each decoder layer's
+  children: version-proof across transformers releases that checkpoint ``__call__`` or
+  ``forward``, and robust to early-stopped recomputation;
+- bytes and tensors offloaded to host memory by the offload mode;
+- bytes of distinct storages the autograd graph saved on the device outside checkpointed
+  regions during the first forward pass (a probe on warm-up step 0 only, so measured
+  steps carry no hook). Layer inputs kept by non-reentrant checkpointing are held by
+  the checkpoint itself, not saved through autograd, so they are not in this figure.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+
+class CheckpointProofError(RuntimeError):
+    """The recorded evidence shows the checkpointing mode asked for was not in effect."""
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated blocks transformers checkpoints (GradientCheckpointingLayer)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - very old transformers
+        GradientCheckpointingLayer = ()  # type: ignore[assignment]
+    layers = [m for m in model.modules() if GradientCheckpointingLayer and isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise RuntimeError(f"{type(model).__name__} has no decoder layers transformers can checkpoint")
+    return layers
+
+
+class Evidence:
+    """Counts layer runs per phase, offloaded bytes and saved-activation bytes."""
+
+    def __init__(self, model) -> None:
+        self.layers = decoder_layers(model)
+        self.phase = "idle"
+        self.pass_id = 0
+        self._seen: set[tuple[int, int]] = set()
+        self.layer_runs = {"forward": 0, "backward": 0}
+        self.offloaded_tensors = 0
+        self.offloaded_bytes = 0
+        self.saved_activation_bytes: int | None = None
+        self._handles = []
+        for idx, layer in enumerate(self.layers):
+            for child in layer.children():
+                self._handles.append(child.register_forward_pre_hook(self._make_hook(idx)))
+
+    def _make_hook(self, idx: int):
+        def hook(module, args):
+            if self.phase in self.layer_runs:
+                key = (self.pass_id, idx)
+                if key not in self._seen:
+                    self._seen.add(key)
+                    self.layer_runs[self.phase] += 1
+        return hook
+
+    def enter(self, phase: str) -> None:
+        self.phase = phase
+        self.pass_id += 1
+
+    def leave(self) -> None:
+        self.phase = "idle"
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def probe_saved(self, device: torch.device):
+        """Context manager: sum the bytes autograd saves on ``device`` (first forward only)."""
+        ev = self
+        total = [0]
+        seen: set[int] = set()
+
+        def pack(t):
+            # Count each storage once: one activation saved by several ops (q, k and v
+            # projections all save their input) occupies memory once.
+            if t.device == device:
+                st = t.untyped_storage()
+                if st.data_ptr() not in seen:
+                    seen.add(st.data_ptr())
+                    total[0] += st.nbytes()
+            return t
+
+        class _Probe:
+            def __enter__(self_inner):
+                self_inner.cm = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+                self_inner.cm.__enter__()
+
+            def __exit__(self_inner, *exc):
+                self_inner.cm.__exit__(*exc)
+                ev.saved_activation_bytes = total[0]
+                return False
+
+        return _Probe()
+
+    def to_dict(self, mode: str, steps: int) -> dict[str, Any]:
+        return {
+            "mode": mode,
+            "decoder_layers": len(self.layers),
+            "steps_observed": steps,
+            "layer_runs_forward": self.layer_runs["forward"],
+            "layer_recomputes": self.layer_runs["backward"],
+            "offloaded_tensors": self.offloaded_tensors,
+            "offloaded_bytes": self.offloaded_bytes,
+            "saved_activation_bytes_step0": self.saved_activation_bytes,
+        }
+
+
+def verify(mode: str, ev: dict[str, Any]) -> list[str]:
+    """Problems with the evidence for ``mode``; an empty list means proven."""
+    fwd, rec = ev["layer_runs_forward"], ev["layer_recomputes"]
+    problems = []
+    if fwd == 0:
+        problems.append("no decoder layer ran in the forward pass")
+        return problems
+    if mode == "off":
+        if rec:
+            problems.append(f"{rec} layer recomputations in the backward pass, expected none")
+        if ev["offloaded_tensors"]:
+            problems.append(f"{ev['offloaded_tensors']} tensors offloaded, expected none")
+    else:
+        if rec != fwd:
+            problems.append(
+                f"{rec} layer recomputations for {fwd} layer runs: checkpointing was not in effect"
+                + (" (model in eval mode?)" if rec == 0 else "")
+            )
+        if mode == "on" and ev["offloaded_tensors"]:
+            problems.append(f"{ev['offloaded_tensors']} tensors offloaded in mode 'on', expected none")
+        if mode == "offload" and ev["offloaded_tensors"] != fwd:
+            problems.append(f"{ev['offloaded_tensors']} layer inputs offloaded for {fwd} layer runs")
+    return problems
+
+
+class _OffloadedLayer(torch.autograd.Function):
+    """Run a layer without saving activations; keep its input in host memory."""
+
+    @staticmethod
+    def forward(ctx, run, ev: Evidence, hidden: torch.Tensor, *rest):
+        ctx.run, ctx.rest, ctx.device = run, rest, hidden.device
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.dev_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        if hidden.is_cuda:
+            stream = _side_stream(hidden.device)
+            stream.wait_stream(torch.cuda.current_stream(hidden.device))
+            host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+            with torch.cuda.stream(stream):
+                host.copy_(hidden.detach(), non_blocking=True)
+                ctx.copied = torch.cuda.Event()
+                ctx.copied.record(stream)
+            # The caching allocator must not hand hidden's memory to another tensor
+            # until the side stream's copy has read it.
+            hidden.record_stream(stream)
+        else:
+            host = hidden.detach().clone()
+            ctx.copied = None
+        ctx.host = host
+        ev.offloaded_tensors += 1
+        ev.offloaded_bytes += host.numel() * host.element_size()
+        with torch.no_grad():
+            return ctx.run(hidden, *rest)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if ctx.copied is not None:
+            torch.cuda.current_stream(ctx.device).wait_event(ctx.copied)
+            hidden = ctx.host.to(ctx.device, non_blocking=True)
+        else:
+            hidden = ctx.host
+        hidden = hidden.detach().requires_grad_(True)
+        devices = [ctx.device] if ctx.dev_rng is not None else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.dev_rng is not None:
+                torch.cuda.set_rng_state(ctx.dev_rng, ctx.device)
+            out = ctx.run(hidden, *ctx.rest)
+        outs = out if isinstance(out, tuple) else (out,)
+        pairs = [(o, g) for o, g in zip(outs, grads) if torch.is_tensor(o) and o.requires_grad and g is not None]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        ctx.host = None
+        return (None, None, hidden.grad) + (None,) * len(ctx.rest)
+
+
+_STREAMS: dict[Any, Any] = {}
+
+
+def _side_stream(device):
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device)
+    return _STREAMS[device]
+
+
+def _offload_func(ev: Evidence):
+    def checkpoint_offloaded(run, hidden, *rest):
+        return _OffloadedLayer.apply(run, ev, hidden, *rest)
+    return checkpoint_offloaded
+
+
+def transformers_flag(model) -> bool:
+    """What transformers itself says about checkpointing (named differently by version)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if name in type(base).__dict__ or any(name in k.__dict__ for k in type(base).__mro__):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return bool(getattr(base, name))
+    return False
+
+
+def apply(model, mode: str) -> Evidence:
+    """Put ``model`` (a transformers model, before LoRA wrapping) in checkpointing ``mode``.
+
+    Returns the :class:`Evidence` recorder the training loop must drive.
+    """
+    ev = Evidence(model)
+    if mode == "off":
+        if transformers_flag(model):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model.gradient_checkpointing_disable()
+        return ev
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # renamed activation_checkpointing_* in newer releases
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # With frozen embeddings the first layer's input does not require grad; the LoRA
+    # weights inside a recomputed layer only get gradients if it does.
+    model.enable_input_require_grads()
+    if mode == "offload":
+        fn = _offload_func(ev)
+        for layer in ev.layers:
+            layer._gradient_checkpointing_func = fn
+    return ev

@@ -1,0 +1,158 @@
+"""``lora-harness`` command line. Thin: every subcommand calls the same functions the
+pytest plugin uses. User errors end in one line on stderr and exit code 2.
+
+    lora-harness run [options]     run the matrix, a progress line per cell
+    lora-harness cells [options]   list the cells the options select (nothing runs)
+    lora-harness env [--json]      this host's fingerprint
+    lora-harness show RUN_DIR      the summary table of a run folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from harness import env as env_mod
+from harness.options import OPTIONS, build_config
+from harness.spec import SpecError
+from harness.store import StoreError, load_records
+from harness.tables import SUMMARY_HEADERS, format_table, summary_rows
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    pass
+
+
+def _add_sweep_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("matrix and cell settings")
+    for o in OPTIONS:
+        if o.kind == "flag":
+            g.add_argument(f"--{o.name}", dest=o.dest, action="store_true", default=None, help=o.help)
+        else:
+            typ = {"int": int, "float": float}.get(o.kind, str)
+            g.add_argument(f"--{o.name}", dest=o.dest, type=typ, default=None, help=o.help,
+                           metavar=o.name.upper().replace("-", "_"))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lora-harness", description="LoRA fine-tuning benchmark and compatibility harness")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the matrix")
+    _add_sweep_options(run)
+    cells = sub.add_parser("cells", help="list the cells the options select")
+    _add_sweep_options(cells)
+    e = sub.add_parser("env", help="print this host's fingerprint")
+    e.add_argument("--json", action="store_true", help="JSON instead of a table")
+    show = sub.add_parser("show", help="summary table of a run folder")
+    show.add_argument("run_dir")
+    return p
+
+
+def _config(ns: argparse.Namespace):
+    facts = env_mod.quick_facts()
+    return build_config(vars(ns), facts), facts
+
+
+def cmd_cells(ns) -> int:
+    cfg, facts = _config(ns)
+    for c in cfg.cells:
+        print(c.cell_id)
+    print(f"{len(cfg.cells)} cells ({cfg.matrix} matrix, {'GPU' if facts['has_gpu'] else 'CPU'} host)", file=sys.stderr)
+    return 0
+
+
+def cmd_run(ns) -> int:
+    from harness.sweep import Sweep
+
+    cfg, facts = _config(ns)
+    where = facts["gpu_name"] if facts["has_gpu"] and cfg.device != "cpu" else "CPU (no GPU found)" if not facts["has_gpu"] else "CPU (--device cpu)"
+    print(f"lora-harness: {len(cfg.cells)} cells, {cfg.matrix} matrix, on {where}", flush=True)
+    sweep = Sweep(cfg, facts, command="lora-harness " + " ".join(sys.argv[1:]))
+    try:
+        sweep.open_store()
+        sweep.run_all()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {len(sweep.records)} cells recorded in {sweep.store.dir if sweep.store else '?'}; "
+              "rerun with --resume to continue", file=sys.stderr)
+        return 130
+    finally:
+        sweep.close()
+    print()
+    print(format_table(SUMMARY_HEADERS, summary_rows(sweep.records)))
+    bad = [r for r in sweep.records if r["status"] in ("error", "crash", "timeout")
+           or (r["status"] == "oom" and cfg.fail_on_oom)]
+    print(f"\n{len(sweep.records)} cells: " + ", ".join(f"{n} {s}" for s, n in _count(sweep.records).items())
+          + f"; results in {sweep.store.dir}")
+    return 1 if bad else 0
+
+
+def _count(records) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in records:
+        out[r["status"]] = out.get(r["status"], 0) + 1
+    return out
+
+
+def cmd_env(ns) -> int:
+    from harness.runner import ForkServerRunner, classify
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with ForkServerRunner(tmp) as r:
+            out = r.run_job("harness.env:collect", {}, timeout_s=300, log_path=f"{tmp}/env.log")
+        env = out.result or {"error": classify(out, 300)["error"]}
+    if ns.json:
+        print(json.dumps(env, indent=2, sort_keys=True))
+        return 0
+    rows = _env_rows(env)
+    print(format_table(["fact", "value"], rows, align="ll"))
+    return 0
+
+
+def _env_rows(env: dict[str, Any]) -> list[list[str]]:
+    rows = [["host", f"{env.get('hostname')} ({env.get('platform')})"], ["python", env.get("python")]]
+    for d in env.get("devices") or []:
+        rows.append([f"cuda:{d['index']}", f"{d['name']}, cc {d['compute_capability']}, "
+                                           f"{d['memory_total_bytes'] / 2**30:.1f} GiB"])
+    if not env.get("devices"):
+        rows.append(["device", "CPU only (no CUDA device)"])
+    rows.append(["driver / CUDA", f"{env.get('driver_version')} / {env.get('torch_cuda_version')}"])
+    rows.append(["NVML", "available" if env.get("nvml_available") else f"unavailable ({env.get('nvml_error')})"])
+    rows.append(["bf16 supported", str(env.get("bf16_supported"))])
+    bnb = env.get("bitsandbytes") or {}
+    rows.append(["bitsandbytes backend", bnb.get("backend") or f"none ({bnb.get('error')})"])
+    for k, v in (env.get("packages") or {}).items():
+        rows.append([k, str(v)])
+    for k, v in (env.get("attention") or {}).items():
+        rows.append([f"attention: {k}", str(v)])
+    return [[str(a), str(b)] for a, b in rows]
+
+
+def cmd_show(ns) -> int:
+    from pathlib import Path
+
+    d = Path(ns.run_dir)
+    if not (d / "results.jsonl").is_file():
+        raise CliError(f"{d} is not a run folder (no results.jsonl)")
+    recs = load_records(d / "results.jsonl")
+    if not recs:
+        raise CliError(f"{d}/results.jsonl holds no records")
+    print(format_table(SUMMARY_HEADERS, summary_rows(recs)))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "cells": cmd_cells, "env": cmd_env, "show": cmd_show}[ns.command](ns)
+    except (SpecError, StoreError, CliError) as exc:
+        print(f"lora-harness: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

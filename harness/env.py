@@ -1,0 +1,169 @@
+"""Hardware and software fingerprint of a host.
+
+``quick_facts`` runs in the parent (pytest / CLI) and imports no torch: NVML and package
+metadata only, enough to pick defaults and predict unsupported cells. ``collect`` runs in
+a worker process (imports torch, initialises CUDA) and is stored as ``env.json`` in
+every run folder.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import importlib.util
+import os
+import platform
+import socket
+import sys
+from typing import Any
+
+PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "nvidia-ml-py", "pytest",
+            "pytest-benchmark", "pandas", "matplotlib", "numpy", "safetensors")
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return md.version(pkg)
+    except md.PackageNotFoundError:
+        return None
+
+
+def nvml_gpus() -> tuple[list[dict[str, Any]], str | None, str | None]:
+    """(gpus, driver_version, error) from NVML; an empty list where there is no NVIDIA GPU."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as exc:
+        return [], None, f"{type(exc).__name__}: {exc}"
+    gpus = []
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        driver = driver.decode() if isinstance(driver, bytes) else driver
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            name = name.decode() if isinstance(name, bytes) else name
+            try:
+                cc = pynvml.nvmlDeviceGetCudaComputeCapability(h)
+                cc_s = f"{cc[0]}.{cc[1]}"
+            except Exception:
+                cc_s = None
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            uuid = pynvml.nvmlDeviceGetUUID(h)
+            gpus.append({"index": i, "name": name, "compute_capability": cc_s, "memory_total_bytes": int(mem.total),
+                         "memory_used_bytes": int(mem.used),
+                         "uuid": uuid.decode() if isinstance(uuid, bytes) else uuid})
+        return gpus, driver, None
+    except Exception as exc:
+        return gpus, None, f"{type(exc).__name__}: {exc}"
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def quick_facts() -> dict[str, Any]:
+    """Cheap facts for the parent process: GPUs via NVML, which packages are installed."""
+    gpus, driver, err = nvml_gpus()
+    cc = gpus[0]["compute_capability"] if gpus else None
+    return {
+        "has_gpu": bool(gpus),
+        "gpus": gpus,
+        "driver_version": driver,
+        "nvml_error": err,
+        "gpu_name": gpus[0]["name"] if gpus else None,
+        "compute_capability": cc,
+        "bf16_supported": (float(cc) >= 8.0) if cc else (None if gpus else True),
+        "bitsandbytes_installed": importlib.util.find_spec("bitsandbytes") is not None,
+    }
+
+
+def collect() -> dict[str, Any]:
+    """Full fingerprint (worker side): versions, devices, capabilities, backends."""
+    import torch
+
+    facts = quick_facts()
+    env: dict[str, Any] = {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "packages": {p: _version(p) for p in PACKAGES},
+        "torch_version": torch.__version__,
+        "torch_cuda_version": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "driver_version": facts["driver_version"],
+        "nvml_available": facts["nvml_error"] is None,
+        "nvml_error": facts["nvml_error"],
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
+    try:
+        import psutil
+
+        env["ram_total_bytes"] = int(psutil.virtual_memory().total)
+    except Exception:
+        env["ram_total_bytes"] = None
+    devices = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            devices.append({
+                "index": i, "name": p.name, "compute_capability": f"{p.major}.{p.minor}",
+                "memory_total_bytes": int(p.total_memory), "multiprocessors": p.multi_processor_count,
+                "bf16_supported": bool(p.major >= 8),
+            })
+    env["devices"] = devices
+    env["nvml_gpus"] = facts["gpus"]
+    env["device"] = "cuda" if devices else "cpu"
+    env["gpu_name"] = devices[0]["name"] if devices else None
+    env["bf16_supported"] = (torch.cuda.is_bf16_supported(including_emulation=False) if devices else True)
+    env["bitsandbytes"] = _bnb_facts("cuda" if devices else "cpu")
+    env["attention"] = _attention_facts()
+    return env
+
+
+def _bnb_facts(device: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"installed": importlib.util.find_spec("bitsandbytes") is not None}
+    if not out["installed"]:
+        out["backend"] = None
+        out["error"] = "not installed"
+        return out
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as F
+        import torch
+
+        out["version"] = getattr(bnb, "__version__", None)
+        lib = getattr(getattr(bnb, "cextension", None), "lib", None)
+        out["library"] = getattr(lib, "_name", None) or (str(lib) if lib is not None else None)
+        F.quantize_4bit(torch.randn(64, 64, device=device, dtype=torch.float16 if device == "cuda" else torch.float32))
+        out["backend"] = device
+        out["error"] = None
+    except Exception as exc:
+        out["backend"] = None
+        out["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    return out
+
+
+def _attention_facts() -> dict[str, Any]:
+    import torch
+
+    facts = {"sdpa": hasattr(torch.nn.functional, "scaled_dot_product_attention"),
+             "flash_attn_package": importlib.util.find_spec("flash_attn") is not None}
+    if torch.cuda.is_available():
+        try:
+            facts["sdpa_flash_kernel"] = bool(torch.backends.cuda.flash_sdp_enabled())
+            facts["sdpa_mem_efficient_kernel"] = bool(torch.backends.cuda.mem_efficient_sdp_enabled())
+        except Exception:
+            pass
+    return facts
+
+
+def summary(env: dict[str, Any]) -> str:
+    """One line for headers and progress output."""
+    pk = env.get("packages", {})
+    dev = env.get("gpu_name") or "CPU (no GPU)"
+    return (f"{dev}; torch {pk.get('torch')}, transformers {pk.get('transformers')}, peft {pk.get('peft')}, "
+            f"bitsandbytes {pk.get('bitsandbytes')}")

@@ -1,0 +1,125 @@
+"""Building and loading models (worker side: imports torch and transformers).
+
+- 16/32-bit cells build the model from its config straight on the device, with random
+  weights from the cell's seed: no checkpoint, no host copy (an 8B model in under a
+  second on an H200, see ../shared/GPU.md).
+- Quantised cells, and any cell with ``load=pretrained``, go through the real
+  ``from_pretrained(path, quantization_config=...)`` path. For presets the path is a
+  synthetic checkpoint, written once into the cache folder and reused by every cell.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from harness.models import get_preset
+
+CACHE_ENV = "LORA_HARNESS_CACHE"
+# Weights of synthetic checkpoints are drawn from this seed, whatever the cell's seed, so
+# all cells of a preset (and all precisions) share the same base weights.
+CHECKPOINT_SEED = 1234
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    root = cache_dir or os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "lora-harness")
+    return Path(root)
+
+
+def make_config(preset: dict[str, Any]):
+    from transformers import AutoConfig
+
+    cfg = dict(preset["config"])
+    model_type = cfg.pop("model_type")
+    return AutoConfig.for_model(model_type, **cfg)
+
+
+def _model_class(config):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
+
+
+def build_from_config(preset: dict[str, Any], *, dtype, device: str, seed: int, attn_implementation: str):
+    """Random-weight model built directly on ``device`` (no host round trip)."""
+    import torch
+
+    config = make_config(preset)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = _model_class(config).from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    return model
+
+
+def checkpoint_dir(preset: dict[str, Any], cache_dir: str | None = None) -> Path:
+    blob = json.dumps(preset["config"], sort_keys=True).encode()
+    key = hashlib.sha1(blob).hexdigest()[:10]
+    return cache_root(cache_dir) / "checkpoints" / f"{preset['name']}-{key}"
+
+
+def ensure_checkpoint(preset: dict[str, Any], *, device: str, cache_dir: str | None = None, log=print) -> Path:
+    """The synthetic checkpoint for ``preset``, written on first use (bf16 safetensors).
+
+    Written into a temporary folder and renamed into place, so a crash mid-write or two
+    workers racing never leave a half checkpoint that later cells would load.
+    """
+    import torch
+
+    final = checkpoint_dir(preset, cache_dir)
+    if (final / "config.json").is_file() and (final / ".complete").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    t0 = time.perf_counter()
+    log(f"writing synthetic checkpoint for {preset['name']} to {final} (once)")
+    model = build_from_config(preset, dtype=torch.bfloat16, device=device, seed=CHECKPOINT_SEED, attn_implementation="sdpa")
+    model.save_pretrained(tmp)
+    (tmp / ".complete").write_text(json.dumps({"preset": preset["name"], "seed": CHECKPOINT_SEED}))
+    del model
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another worker finished first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"checkpoint written in {time.perf_counter() - t0:.1f} s")
+    return final
+
+
+def load_pretrained(path: str | os.PathLike, *, load_kwargs: dict[str, Any], device: str, attn_implementation: str):
+    """The real ``from_pretrained`` path (quantisation configs go through it)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), device_map={"": device}, attn_implementation=attn_implementation, **load_kwargs
+    )
+
+
+def load_model(spec, *, load_kwargs: dict[str, Any], device: str, cache_dir: str | None = None, log=print):
+    """Model for a cell, by the cell's load path. Returns (model, load_info)."""
+    t0 = time.perf_counter()
+    path = spec.model_path
+    how = spec.resolved_load()
+    info: dict[str, Any] = {"load_path": how}
+    if how == "config":
+        if path:
+            raise ValueError("a local checkpoint is always loaded with from_pretrained (load=config is for presets)")
+        if "quantization_config" in load_kwargs:
+            raise ValueError("quantised modes need from_pretrained; load=config is for 16/32-bit cells")
+        model = build_from_config(get_preset(spec.model), dtype=load_kwargs["dtype"], device=device,
+                                  seed=spec.seed, attn_implementation=spec.attn_implementation)
+    else:
+        if not path:
+            t1 = time.perf_counter()
+            path = ensure_checkpoint(get_preset(spec.model), device=device, cache_dir=cache_dir, log=log)
+            info["checkpoint_prepare_s"] = time.perf_counter() - t1
+        info["checkpoint"] = str(path)
+        model = load_pretrained(path, load_kwargs=load_kwargs, device=device, attn_implementation=spec.attn_implementation)
+    info["load_time_s"] = time.perf_counter() - t0
+    # from_pretrained returns a model in eval mode; transformers only checkpoints in
+    # training mode. Record what we got; the workload puts it in training mode.
+    info["loaded_in_training_mode"] = bool(model.training)
+    return model, info

@@ -1,0 +1,104 @@
+"""The sweep's options, defined once for both the CLI and the pytest plugin. Pure module.
+
+Defaults depend on the host: with an NVIDIA GPU the model is ``llama-3.1-8b`` and the
+matrix ``default``; without one, ``tiny-llama`` on CPU and the ``smoke`` matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.matrix import PRESETS, axes_for, expand, split_list
+from harness.models import resolve_model
+from harness.spec import CellSpec, LoraSpec, SpecError
+
+GPU_DEFAULT_MODEL = "llama-3.1-8b"
+CPU_DEFAULT_MODEL = "tiny-llama"
+
+
+@dataclass(frozen=True)
+class Opt:
+    name: str  # long flag without dashes, e.g. "seq-len"
+    help: str
+    default: Any = None
+    kind: str = "str"  # str, int, float, flag
+
+    @property
+    def dest(self) -> str:
+        return "lh_" + self.name.replace("-", "_")
+
+
+OPTIONS: tuple[Opt, ...] = (
+    Opt("model", "model preset(s) or local checkpoint folder(s), comma list (default: llama-3.1-8b with a GPU, "
+                 "tiny-llama without)"),
+    Opt("matrix", f"named matrix preset: {', '.join(PRESETS)} (default: default with a GPU, smoke without)"),
+    Opt("precision", "precision modes, comma list: fp32,bf16,fp16,int8,nf4,fp4,nf4-dq (replaces the preset's)"),
+    Opt("seq-len", "sequence lengths in tokens, comma list (replaces the preset's)"),
+    Opt("grad-ckpt", "gradient checkpointing modes, comma list: off,on,offload (alias unsloth)"),
+    Opt("batch-size", "batch sizes, comma list (default 1)"),
+    Opt("steps", "measured steps per cell, comma list (default 5)"),
+    Opt("warmup-steps", "warm-up steps per cell, excluded from timing (default 2)", kind="int"),
+    Opt("lr", "learning rate (default 2e-3)", kind="float"),
+    Opt("optimizer", "adamw, adamw8bit or sgd (default adamw)"),
+    Opt("lora-rank", "LoRA rank (default 16)", kind="int"),
+    Opt("lora-alpha", "LoRA alpha (default 32)", kind="int"),
+    Opt("lora-dropout", "LoRA dropout (default 0.0)", kind="float"),
+    Opt("lora-targets", "LoRA target modules: all-linear (default) or a comma list of module names"),
+    Opt("load", "model load path: auto (default), config or pretrained"),
+    Opt("seed", "random seed (default 0)", kind="int"),
+    Opt("device", "auto (default), cuda or cpu"),
+    Opt("run-dir", "run folder (default reports/runs/<run-id>)"),
+    Opt("resume", "skip cells already recorded in the run folder (the latest run without --run-dir)", kind="flag"),
+    Opt("cell-timeout", "seconds before a cell is killed and recorded as timeout (default 900 with a GPU, 300 "
+                        "without)", kind="float"),
+    Opt("fail-on-oom", "count out-of-memory cells as failures (default: they are measurements)", kind="flag"),
+    Opt("cache-dir", "folder for synthetic checkpoints (default $LORA_HARNESS_CACHE or ~/.cache/lora-harness)"),
+    Opt("nvml-period-ms", "NVML sampling period in milliseconds (default 5)", kind="float"),
+)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    cells: tuple[CellSpec, ...]
+    matrix: str
+    device: str = "auto"
+    run_dir: str | None = None
+    resume: bool = False
+    fail_on_oom: bool = False
+    cell_timeout_s: float = 900.0
+    cache_dir: str | None = None
+    nvml_period_s: float = 0.005
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def worker_opts(self) -> dict[str, Any]:
+        return {"device": self.device, "cache_dir": self.cache_dir, "nvml_period_s": self.nvml_period_s}
+
+
+def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
+    """Options (keyed by ``Opt.dest`` or plain name) + host facts -> the sweep's cells."""
+    v = {o.name: values.get(o.dest, values.get(o.name.replace("-", "_"))) for o in OPTIONS}
+    device = (v["device"] or "auto").lower()
+    if device not in ("auto", "cuda", "cpu"):
+        raise SpecError(f"--device must be auto, cuda or cpu, got {v['device']!r}")
+    gpu = bool(facts.get("has_gpu")) and device != "cpu"
+    models_raw = split_list(v["model"]) or [GPU_DEFAULT_MODEL if gpu else CPU_DEFAULT_MODEL]
+    refs = [resolve_model(m) for m in models_raw]
+    matrix = v["matrix"] or ("default" if gpu else "smoke")
+    axes = axes_for(matrix, models=[r.name for r in refs], precision=v["precision"], seq_len=v["seq-len"],
+                    grad_ckpt=v["grad-ckpt"], batch_size=v["batch-size"], steps=v["steps"])
+    lora_kw = {k: v[n] for k, n in (("rank", "lora-rank"), ("alpha", "lora-alpha"), ("dropout", "lora-dropout"),
+                                    ("target_modules", "lora-targets")) if v[n] is not None}
+    fixed = {k: v[n] for k, n in (("warmup_steps", "warmup-steps"), ("lr", "lr"), ("optimizer", "optimizer"),
+                                  ("load", "load"), ("seed", "seed")) if v[n] is not None}
+    cells = expand(axes, model_paths={r.name: r.path for r in refs}, lora=LoraSpec(**lora_kw), **fixed)
+    timeout = v["cell-timeout"] if v["cell-timeout"] is not None else (900.0 if gpu else 300.0)
+    if timeout <= 0:
+        raise SpecError("--cell-timeout must be positive")
+    period_ms = v["nvml-period-ms"] if v["nvml-period-ms"] is not None else 5.0
+    if period_ms <= 0:
+        raise SpecError("--nvml-period-ms must be positive")
+    return SweepConfig(cells=tuple(cells), matrix=matrix, device=device, run_dir=v["run-dir"],
+                       resume=bool(v["resume"]), fail_on_oom=bool(v["fail-on-oom"]), cell_timeout_s=float(timeout),
+                       cache_dir=v["cache-dir"], nvml_period_s=period_ms / 1000.0,
+                       options={k: val for k, val in v.items() if val not in (None, False)})

@@ -1,0 +1,207 @@
+"""pytest plugin: ``pytest suites/`` runs the matrix, one test per cell.
+
+Thin: options come from ``harness.options``, cells from ``harness.matrix``, running and
+recording from ``harness.sweep``, and the test outcome from ``harness.result.outcome_for``
+(the one mapping: ok -> pass, oom -> xfail, or fail with ``--fail-on-oom``,
+unsupported -> skip, error / crash / timeout -> fail).
+
+A suite asks for the ``lora_cell`` parameter and the ``lora_harness`` fixture::
+
+    def test_cell(lora_cell, lora_harness, lora_benchmark):
+        lora_harness.check(lora_harness.run(lora_cell, lora_benchmark))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from harness import env as env_mod
+from harness.options import OPTIONS, SweepConfig, build_config
+from harness.result import outcome_for
+from harness.spec import CellSpec, SpecError
+from harness.store import StoreError
+from harness.tables import SUMMARY_HEADERS, format_table, summary_rows
+
+_KEY = pytest.StashKey["HarnessSession"]() if hasattr(pytest, "StashKey") else None
+
+BENCHMARK_FIELDS = ("cell_id", "status", "error", "tokens_per_s", "step_time_s", "step_time_p90_s", "peak_vram_bytes",
+                    "peak_vram_over_baseline_bytes", "peak_rss_bytes", "torch_peak_allocated_bytes",
+                    "torch_peak_reserved_bytes", "mfu", "energy_per_token_j", "device_name")
+
+
+class HarnessSession:
+    """Per pytest session: the sweep configuration, the running sweep, the records."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.pyconfig = config
+        self._facts: dict[str, Any] | None = None
+        self._cfg: SweepConfig | None = None
+        self.sweep = None
+        self.n_items = 0
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        if self._facts is None:
+            self._facts = env_mod.quick_facts()
+        return self._facts
+
+    @property
+    def cfg(self) -> SweepConfig:
+        if self._cfg is None:
+            values = {o.dest: self.pyconfig.getoption(o.dest) for o in OPTIONS}
+            try:
+                self._cfg = build_config(values, self.facts)
+            except SpecError as exc:
+                raise pytest.UsageError(f"lora-harness: {exc}") from None
+        return self._cfg
+
+    def _out(self, line: str) -> None:
+        tr = self.pyconfig.pluginmanager.get_plugin("terminalreporter")
+        capman = self.pyconfig.pluginmanager.get_plugin("capturemanager")
+        if tr is not None:
+            # Progress goes to the real terminal while the test's output is captured.
+            if capman is not None:
+                with capman.global_and_fixture_disabled():
+                    _write_own_line(tr, line)
+            else:
+                _write_own_line(tr, line)
+        else:
+            print(line, flush=True)
+
+    def get_sweep(self):
+        if self.sweep is None:
+            from harness.sweep import Sweep
+
+            import sys
+
+            self.sweep = Sweep(self.cfg, self.facts, command="pytest " + " ".join(sys.argv[1:]), out=self._out,
+                               total=self.n_items or None)
+            try:
+                self.sweep.open_store()
+            except StoreError as exc:
+                raise pytest.UsageError(f"lora-harness: {exc}") from None
+        return self.sweep
+
+    def run(self, cell: CellSpec, benchmark=None) -> dict[str, Any]:
+        """Run (or resume) one cell; with pytest-benchmark's fixture, time it as one round
+        and put the harness's metrics in ``extra_info`` (so ``--benchmark-json`` has them)."""
+        sweep = self.get_sweep()
+        if benchmark is None:
+            return sweep.run(cell)
+        rec = benchmark.pedantic(sweep.run, args=(cell,), rounds=1, iterations=1, warmup_rounds=0)
+        benchmark.extra_info.update({k: rec.get(k) for k in BENCHMARK_FIELDS})
+        benchmark.extra_info["run_dir"] = str(sweep.store.dir) if sweep.store else None
+        return rec
+
+    def check(self, record: dict[str, Any]) -> None:
+        """Turn a record into the test's outcome (never a pass for a cell that didn't run)."""
+        out = outcome_for(record, fail_on_oom=self.cfg.fail_on_oom)
+        if out.action == "pass":
+            return
+        if out.action == "skip":
+            pytest.skip(out.message)
+        if out.action == "xfail":
+            pytest.xfail(out.message)
+        pytest.fail(out.message, pytrace=False)
+
+    def close(self) -> None:
+        if self.sweep is not None:
+            self.sweep.close()
+
+
+def _write_own_line(tr, line: str) -> None:
+    """A line of our own between pytest's progress dots, starting and ending a line."""
+    tw = getattr(tr, "_tw", None)
+    if tw is not None and getattr(tw, "width_of_current_line", 0):
+        tw.line()
+    tr.write_line(line)
+
+
+def _session(config: pytest.Config) -> HarnessSession:
+    return config.stash[_KEY]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("lora-harness", "LoRA harness matrix (see README)")
+    for o in OPTIONS:
+        if o.kind == "flag":
+            group.addoption(f"--{o.name}", dest=o.dest, action="store_true", default=False, help=o.help)
+        else:
+            typ = {"int": int, "float": float}.get(o.kind, str)
+            group.addoption(f"--{o.name}", dest=o.dest, type=typ, default=None, help=o.help)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_KEY] = HarnessSession(config)
+    # Validate the options now: a bad one is one clear line and exit code 4, before
+    # collection, not a collection error with a traceback.
+    if any(config.getoption(o.dest) not in (None, False) for o in OPTIONS):
+        config.stash[_KEY].cfg  # noqa: B018 - raises pytest.UsageError
+    config.addinivalue_line("markers", "matrix: a LoRA training cell of the precision x length x checkpointing matrix")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    s = _session(config)
+    f = s.facts
+    if f["has_gpu"] and (config.getoption("lh_device") or "auto") != "cpu":
+        where = f"GPU host: {f['gpu_name']} (compute capability {f['compute_capability']})"
+    elif f["has_gpu"]:
+        where = f"GPU host, but --device cpu: cells run on the CPU"
+    else:
+        where = "no GPU found: cells run on the CPU (tiny model by default; memory is peak RSS, not VRAM)"
+    return [f"lora-harness: {where}"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "lora_cell" in metafunc.fixturenames:
+        cells = list(_session(metafunc.config).cfg.cells)
+        metafunc.parametrize("lora_cell", cells, ids=[c.cell_id for c in cells])
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    s = _session(session.config)
+    items = [i for i in session.items if "lora_cell" in getattr(i, "fixturenames", ())]
+    s.n_items = len(items)
+    if items and not session.config.option.collectonly:
+        sweep = s.get_sweep()
+        sweep.total = len(items)
+        cfg = s.cfg
+        models = ", ".join(dict.fromkeys(c.model for c in cfg.cells))
+        s._out(f"lora-harness: {len(items)} cells of the {cfg.matrix} matrix ({models}); "
+               f"run folder {sweep.store.dir}{' (resuming)' if cfg.resume else ''}")
+
+
+@pytest.fixture(scope="session")
+def lora_harness(request: pytest.FixtureRequest) -> HarnessSession:
+    return _session(request.config)
+
+
+@pytest.fixture
+def lora_benchmark(request: pytest.FixtureRequest):
+    """pytest-benchmark's ``benchmark`` fixture, or None where that plugin is disabled."""
+    if request.config.pluginmanager.hasplugin("benchmark"):
+        return request.getfixturevalue("benchmark")
+    return None
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    s = _session(config)
+    if s.sweep is None or not s.sweep.records:
+        return
+    tr = terminalreporter
+    tr.section("lora-harness results")
+    tr.write_line(format_table(SUMMARY_HEADERS, summary_rows(s.sweep.records)))
+    counts: dict[str, int] = {}
+    for r in s.sweep.records:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    tr.write_line("")
+    tr.write_line(", ".join(f"{n} {st}" for st, n in counts.items())
+                  + f" (OOM cells show as xfailed in pytest's counts{'; --fail-on-oom makes them fail' if not s.cfg.fail_on_oom else ''})")
+    tr.write_line(f"results: {s.sweep.store.dir / 'results.jsonl'}")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _KEY in config.stash:
+        _session(config).close()

@@ -1,0 +1,156 @@
+"""CellSpec: the frozen description of one LoRA training cell.
+
+Pure module: no torch, no I/O. A spec is everything a worker needs to reproduce a cell;
+its ``cell_id`` is stable across runs and hosts so results can be compared and resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4", "nf4-dq")
+GRAD_CKPT_MODES: tuple[str, ...] = ("off", "on", "offload")
+# Unsloth calls its offloaded checkpointing "unsloth"; accept the name people know.
+GRAD_CKPT_ALIASES: dict[str, str] = {"unsloth": "offload", "true": "on", "false": "off"}
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw8bit", "sgd")
+LOAD_MODES: tuple[str, ...] = ("auto", "config", "pretrained")
+
+
+class SpecError(ValueError):
+    """A cell description a user wrote is invalid (bad precision, length, ...)."""
+
+
+def normalize_grad_ckpt(mode: str) -> str:
+    m = str(mode).strip().lower()
+    m = GRAD_CKPT_ALIASES.get(m, m)
+    if m not in GRAD_CKPT_MODES:
+        raise SpecError(
+            f"unknown gradient checkpointing mode {mode!r}; choose from "
+            f"{', '.join(GRAD_CKPT_MODES)} (or 'unsloth' for offload)"
+        )
+    return m
+
+
+def normalize_precision(precision: str) -> str:
+    p = str(precision).strip().lower()
+    aliases = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "8bit": "int8",
+               "4bit": "nf4", "nf4dq": "nf4-dq", "nf4_dq": "nf4-dq", "qlora": "nf4-dq"}
+    p = aliases.get(p, p)
+    if p not in PRECISIONS:
+        raise SpecError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    return p
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA adapter settings. ``target_modules='all-linear'`` is every linear layer but the
+    output head (peft's meaning); a comma list names module suffixes instead."""
+
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str = "all-linear"
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise SpecError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise SpecError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """One cell of the matrix. Frozen: a value, hashable, serialisable to JSON."""
+
+    model: str
+    precision: str
+    seq_len: int
+    grad_ckpt: str = "off"
+    batch_size: int = 1
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    warmup_steps: int = 2
+    steps: int = 5
+    seed: int = 0
+    # auto: 16/32-bit built from the config directly on the device, quantised modes
+    # through from_pretrained on a synthetic checkpoint; the other two force a path.
+    load: str = "auto"
+    # Inputs to the attention kernel choice; "sdpa" is transformers' default.
+    attn_implementation: str = "sdpa"
+    # Where the checkpoint for a local model lives (``model`` is then its short name).
+    model_path: str | None = None
+    # Extra id component, set by the matrix when an axis that is normally constant over a
+    # sweep (for example the step count) varies, so ids stay unique.
+    tag: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "precision", normalize_precision(self.precision))
+        object.__setattr__(self, "grad_ckpt", normalize_grad_ckpt(self.grad_ckpt))
+        if self.seq_len < 2:
+            raise SpecError(f"sequence length must be >= 2 tokens, got {self.seq_len}")
+        if self.batch_size < 1:
+            raise SpecError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.steps < 1:
+            raise SpecError(f"measured steps must be >= 1, got {self.steps}")
+        if self.warmup_steps < 0:
+            raise SpecError(f"warm-up steps must be >= 0, got {self.warmup_steps}")
+        if self.optimizer not in OPTIMIZERS:
+            raise SpecError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        if self.load not in LOAD_MODES:
+            raise SpecError(f"unknown load mode {self.load!r}; choose from {', '.join(LOAD_MODES)}")
+        if not self.model or "/" in self.model:
+            raise SpecError(f"model name must be a preset name or a checkpoint's short name, got {self.model!r}")
+
+    @property
+    def cell_id(self) -> str:
+        """Readable, stable id, e.g. ``llama-3.1-8b/nf4/s2048/gc-on``.
+
+        Settings that are constant across a sweep (LoRA rank, steps, optimizer) are not
+        in the id; batch size and a forced load path are, when not the default.
+        """
+        parts = [self.model, self.precision, f"s{self.seq_len}", f"gc-{self.grad_ckpt}"]
+        if self.batch_size != 1:
+            parts.append(f"b{self.batch_size}")
+        if self.load != "auto":
+            parts.append(f"load-{self.load}")
+        if self.tag:
+            parts.append(self.tag)
+        return "/".join(parts)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.batch_size
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision in ("int8", "nf4", "fp4", "nf4-dq")
+
+    def resolved_load(self) -> str:
+        if self.load != "auto":
+            return self.load
+        return "pretrained" if (self.quantized or self.model_path) else "config"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CellSpec":
+        data = dict(data)
+        lora = data.pop("lora", None) or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise SpecError(f"unknown cell fields: {', '.join(sorted(unknown))}")
+        return cls(lora=LoraSpec(**lora), **data)
+
+    def replace(self, **changes: Any) -> "CellSpec":
+        return dataclasses.replace(self, **changes)
+
+
+def safe_name(cell_id: str) -> str:
+    """A file-name-safe form of a cell id (for log files)."""
+    return cell_id.replace(os.sep, "__").replace("/", "__")

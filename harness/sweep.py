@@ -1,0 +1,139 @@
+"""A sweep: cells run one after another through the fork server, each record appended to
+the run folder the moment its cell ends. The pytest plugin and the CLI are both thin
+skins over this class. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Callable
+
+from harness import capability
+from harness.options import SweepConfig
+from harness.result import Status, make_record
+from harness.runner import ForkServerRunner, classify
+from harness.spec import CellSpec
+from harness.store import RunStore
+from harness.tables import fmt_duration, fmt_gib, fmt_rate, memory_of, status_text
+
+
+class Sweep:
+    def __init__(self, config: SweepConfig, facts: dict[str, Any], *, command: str = "",
+                 out: Callable[[str], None] | None = None, total: int | None = None) -> None:
+        self.config = config
+        self.facts = dict(facts, device_pref=config.device, use_gpu=bool(facts.get("has_gpu")) and config.device != "cpu")
+        self.command = command or " ".join(sys.argv)
+        self.out = out or (lambda s: print(s, flush=True))
+        self.total = total if total is not None else len(config.cells)
+        self.store: RunStore | None = None
+        self.runner: ForkServerRunner | None = None
+        self.env: dict[str, Any] | None = None
+        self.records: list[dict[str, Any]] = []
+        self.done: dict[str, dict[str, Any]] = {}
+        self._t0 = time.monotonic()
+        self._ran = 0
+        self._ran_time = 0.0
+        self._index = 0
+
+    # -- lifecycle -----------------------------------------------------------------
+    def open_store(self) -> RunStore:
+        """Create / reopen the run folder (cheap; no worker started)."""
+        if self.store is None:
+            self.store = RunStore.open(self.config.run_dir, resume=self.config.resume)
+            if self.config.resume:
+                self.done = self.store.latest_by_cell()
+        return self.store
+
+    def start(self) -> None:
+        if self.runner is not None:
+            return
+        store = self.open_store()
+        self.runner = ForkServerRunner(store.dir / "logs")
+        t0 = time.monotonic()
+        ready = self.runner.start()
+        self.out(f"lora-harness: worker server ready in {time.monotonic() - t0:.1f} s "
+                 f"(libraries imported once in {ready.get('preload_s', 0):.1f} s; cells start by {ready.get('mode')})")
+        for err in ready.get("preload_errors") or []:
+            self.out(f"lora-harness: warning: could not preload {err}")
+        env_out = self.runner.run_job("harness.env:collect", {}, timeout_s=300, log_path=store.dir / "logs" / "env.log")
+        self.env = env_out.result or {"error": classify(env_out, 300).get("error")}
+        self.env["worker_mode"] = ready.get("mode")
+        self.env["worker_mode_reason"] = ready.get("why")
+        self.env["worker_preload_s"] = ready.get("preload_s")
+        store.write_json("env.json", self.env)
+        meta = store.read_json("run.json") or {}
+        invocations = meta.get("invocations", [])
+        invocations.append({"command": self.command, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                            "options": self.config.options, "matrix": self.config.matrix,
+                            "cells": len(self.config.cells)})
+        store.write_json("run.json", {"run_id": store.run_id, "invocations": invocations})
+        self.out(f"lora-harness: run folder {store.dir}")
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
+
+    def __enter__(self) -> "Sweep":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- cells ---------------------------------------------------------------------
+    def run(self, cell: CellSpec) -> dict[str, Any]:
+        """Run one cell (or replay its stored record when resuming) and record it."""
+        self._index += 1
+        store = self.open_store()
+        if cell.cell_id in self.done:
+            rec = dict(self.done[cell.cell_id], resumed=True)
+            self.records.append(rec)
+            self._progress(rec, resumed=True)
+            return rec
+        self.start()  # every run folder gets env.json, even if no cell can run here
+        reason = capability.predict(cell, self.facts)
+        t0 = time.monotonic()
+        if reason:
+            worker = {"status": Status.UNSUPPORTED.value, "error": reason, "predicted_unsupported": True}
+            extra: dict[str, Any] = {"wall_time_s": 0.0}
+        else:
+            assert self.runner is not None
+            log = store.log_path(cell.cell_id)
+            outcome = self.runner.run_job("harness.workload:run_cell",
+                                          {"spec_dict": cell.to_dict(), "opts": self.config.worker_opts()},
+                                          timeout_s=self.config.cell_timeout_s, log_path=log)
+            worker = classify(outcome, self.config.cell_timeout_s)
+            extra = {"wall_time_s": outcome.wall_s, "log": os.path.relpath(log, store.dir),
+                     "exit_code": outcome.returncode, "exit_signal": outcome.signal}
+            self._ran += 1
+            self._ran_time += outcome.wall_s
+        env = self.env or {}
+        extra.update({"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hostname": env.get("hostname"),
+                      "gpu_name": worker.get("device_name") if worker.get("device") == "cuda" else env.get("gpu_name"),
+                      "worker_mode": env.get("worker_mode")})
+        rec = make_record(cell.to_dict(), cell.cell_id, store.run_id, worker, extra)
+        store.append(rec)
+        self.records.append(rec)
+        self._progress(rec, elapsed=time.monotonic() - t0)
+        return rec
+
+    def run_all(self, cells=None) -> list[dict[str, Any]]:
+        for cell in cells if cells is not None else self.config.cells:
+            self.run(cell)
+        return self.records
+
+    def _progress(self, rec: dict[str, Any], *, resumed: bool = False, elapsed: float | None = None) -> None:
+        kind, mem = memory_of(rec)
+        total_elapsed = time.monotonic() - self._t0
+        remaining = max(0, self.total - self._index)
+        eta = (self._ran_time / self._ran) * remaining if self._ran else None
+        what = "resumed" if resumed else f"{fmt_duration(elapsed)}"
+        tps = fmt_rate(rec.get("tokens_per_s")) if rec.get("status") == "ok" else "-"
+        line = (f"[{self._index}/{self.total}] {rec['cell_id']}: {status_text(rec)}, peak {fmt_gib(mem)} {kind}, "
+                f"{tps} tokens/s ({what}; elapsed {fmt_duration(total_elapsed)}, ETA {fmt_duration(eta)})")
+        if rec.get("status") not in ("ok", "oom") and rec.get("error"):
+            line += f"\n    {str(rec['error']).splitlines()[0][:300]}"
+        self.out(line)

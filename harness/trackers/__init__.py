@@ -1,0 +1,1 @@
+"""Measurement trackers wrapped around a cell's training steps (worker side)."""

@@ -1,0 +1,180 @@
+"""Memory trackers: an NVML sampler for device memory and energy, the process's RSS, and
+the torch allocator's peaks.
+
+What each figure counts:
+- NVML ``used`` memory is the whole device as the driver sees it: every process, the CUDA
+  context (~0.5-1.3 GB), cuBLAS workspaces and bitsandbytes buffers included. The
+  sampler records the baseline before the worker touched CUDA, so
+  ``peak - baseline`` is what this cell added to the device.
+- The torch allocator's ``max_memory_allocated`` counts live tensors only;
+  ``max_memory_reserved`` adds the allocator's cached, unused blocks. Neither sees memory
+  allocated outside PyTorch.
+- RSS is the process's resident host memory: on CPU hosts it is where the model and the
+  activations live, so it stands in for VRAM (and the result says so).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+import time
+from typing import Any
+
+
+def nvml_index_for_visible_device(ordinal: int = 0) -> int:
+    """NVML index of CUDA device ``ordinal`` as this process sees it.
+
+    The worker runs with CUDA_DEVICE_ORDER=PCI_BUS_ID, the order NVML uses, so an integer
+    in CUDA_VISIBLE_DEVICES is the NVML index; a UUID is looked up.
+    """
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not vis:
+        return ordinal
+    entry = vis.split(",")[ordinal].strip()
+    if entry.isdigit():
+        return int(entry)
+    import pynvml
+
+    for i in range(pynvml.nvmlDeviceGetCount()):
+        if pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i)).startswith(entry):
+            return i
+    return ordinal
+
+
+class MemorySampler:
+    """Background thread sampling NVML used memory (if a GPU is present) and RSS.
+
+    ``period_s`` defaults to 5 ms. Peaks shorter than the period can be missed by NVML;
+    the torch allocator's peak (exact) is recorded beside it for that reason.
+    """
+
+    def __init__(self, *, use_nvml: bool, period_s: float = 0.005, nvml_index: int = 0) -> None:
+        self.period_s = period_s
+        self.samples = 0
+        self.nvml_error: str | None = None
+        self._handle = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.baseline_vram_bytes: int | None = None
+        self.peak_vram_bytes: int | None = None
+        self.total_vram_bytes: int | None = None
+        self.peak_rss_sampled_bytes = 0
+        self._energy_start_mj: int | None = None
+        self.energy_j: float | None = None
+        self.energy_error: str | None = None
+        self._proc = None
+        try:
+            import psutil
+
+            self._proc = psutil.Process()
+        except Exception:  # pragma: no cover - psutil is a dependency
+            pass
+        if use_nvml:
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self._nvml = pynvml
+                self._handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index)
+                info = pynvml.nvmlDeviceGetMemoryInfo(self._handle)
+                self.baseline_vram_bytes = int(info.used)
+                self.peak_vram_bytes = int(info.used)
+                self.total_vram_bytes = int(info.total)
+            except Exception as exc:  # NVML missing (no driver) or refused
+                self.nvml_error = f"{type(exc).__name__}: {exc}"
+                self._handle = None
+
+    @property
+    def nvml_ok(self) -> bool:
+        return self._handle is not None
+
+    def _sample(self) -> None:
+        if self._handle is not None:
+            used = int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+            if used > (self.peak_vram_bytes or 0):
+                self.peak_vram_bytes = used
+        if self._proc is not None:
+            rss = self._proc.memory_info().rss
+            if rss > self.peak_rss_sampled_bytes:
+                self.peak_rss_sampled_bytes = rss
+        self.samples += 1
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._sample()
+            except Exception as exc:  # keep measuring the rest; say what broke
+                self.nvml_error = f"sampling: {exc}"
+                return
+            self._stop.wait(self.period_s)
+
+    def start(self) -> "MemorySampler":
+        self._thread = threading.Thread(target=self._loop, name="memory-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        try:
+            self._sample()
+        except Exception:
+            pass
+
+    # Energy: NVML's total energy counter (mJ since driver load; Volta and newer). It
+    # covers the whole device, so other work on the same GPU would be counted too.
+    def energy_start(self) -> None:
+        if self._handle is None:
+            return
+        try:
+            self._energy_start_mj = int(self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle))
+        except Exception as exc:
+            self.energy_error = f"{type(exc).__name__}: {exc}"
+
+    def energy_stop(self) -> None:
+        if self._handle is None or self._energy_start_mj is None:
+            return
+        try:
+            end = int(self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle))
+            self.energy_j = (end - self._energy_start_mj) / 1000.0
+        except Exception as exc:
+            self.energy_error = f"{type(exc).__name__}: {exc}"
+
+    def results(self) -> dict[str, Any]:
+        over = None
+        if self.peak_vram_bytes is not None and self.baseline_vram_bytes is not None:
+            over = self.peak_vram_bytes - self.baseline_vram_bytes
+        return {
+            "peak_vram_bytes": self.peak_vram_bytes,
+            "baseline_vram_bytes": self.baseline_vram_bytes,
+            "peak_vram_over_baseline_bytes": over,
+            "device_total_bytes": self.total_vram_bytes,
+            "nvml_samples": self.samples,
+            "nvml_period_s": self.period_s if self.nvml_ok else None,
+            "nvml_error": self.nvml_error,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "peak_rss_sampled_bytes": self.peak_rss_sampled_bytes or None,
+        }
+
+
+def peak_rss_bytes() -> int:
+    """The kernel's high-water mark of this process's resident memory (no sampling gaps)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def torch_memory_stats(device) -> dict[str, Any]:
+    """The torch allocator's peaks since the last reset (None on CPU: no allocator stats)."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda":
+        return {"torch_peak_allocated_bytes": None, "torch_peak_reserved_bytes": None}
+    return {
+        "torch_peak_allocated_bytes": int(torch.cuda.max_memory_allocated(device)),
+        "torch_peak_reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
+    }
+
+
+def wait(seconds: float) -> None:  # small helper for tests of the sampler
+    time.sleep(seconds)

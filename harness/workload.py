@@ -1,0 +1,334 @@
+"""The LoRA training loop for one cell (worker side).
+
+A step is a real forward pass of a transformers model with peft LoRA layers, the loss,
+a backward pass and an optimizer step on the LoRA parameters. Mixed precision:
+
+- fp32: no autocast; everything in float32.
+- bf16 / fp16: base weights in 16-bit and frozen; LoRA matrices in float32 (peft's
+  ``autocast_adapter_dtype``) so the optimizer updates full-precision weights; the
+  forward runs under ``torch.autocast`` in the cell's dtype. fp16 adds dynamic loss
+  scaling (``torch.amp.GradScaler``): steps whose gradients overflow are skipped and
+  counted (``scaler_skipped_steps``).
+- int8 / nf4 / fp4 / nf4-dq: bitsandbytes layers, LoRA in float32, autocast in the
+  compute dtype (bf16 where supported, else fp16, with loss scaling as for fp16).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import traceback
+from typing import Any
+
+from harness import flops as flops_mod
+from harness.checkpointing import CheckpointProofError
+from harness.precision import (PrecisionProofError, compute_dtype_name, count_layers, get_mode,
+                               load_kwargs, verify_layers)
+from harness.result import Status, is_oom_message
+from harness.spec import CellSpec
+
+
+class Unsupported(RuntimeError):
+    """This host cannot run the cell (the message says why)."""
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def pick_device(preference: str = "auto"):
+    import torch
+
+    if preference == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    if preference == "cuda":
+        raise Unsupported("a CUDA device was asked for but none is available")
+    return torch.device("cpu")
+
+
+def bf16_supported(device) -> bool:
+    import torch
+
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    return True  # CPU kernels exist for bf16 (slow, but real)
+
+
+def check_support(spec: CellSpec, device) -> None:
+    """Raise Unsupported when this host can't run ``spec`` (checked, not assumed)."""
+    import torch
+
+    mode = get_mode(spec.precision)
+    if mode.weight_dtype == "bfloat16" and not bf16_supported(device):
+        cc = torch.cuda.get_device_capability(device)
+        raise Unsupported(f"bf16 needs compute capability >= 8.0; this GPU is {cc[0]}.{cc[1]}")
+    if mode.quant:
+        try:
+            import bitsandbytes as bnb
+            import bitsandbytes.functional as F
+        except Exception as exc:
+            raise Unsupported(f"bitsandbytes cannot be imported: {type(exc).__name__}: {exc}") from exc
+        try:  # a real kernel call: an importable package without a backend fails here
+            probe = torch.randn(64, 64, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
+            F.quantize_4bit(probe)
+        except Exception as exc:
+            raise Unsupported(
+                f"bitsandbytes {getattr(bnb, '__version__', '?')} has no working backend for {device.type}: {exc}"
+            ) from exc
+
+
+def _make_optimizer(name: str, params, lr: float):
+    import torch
+
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
+    raise ValueError(name)
+
+
+def _lora_target(spec: CellSpec):
+    t = spec.lora.target_modules
+    return t if t == "all-linear" else [s.strip() for s in t.split(",") if s.strip()]
+
+
+def _matmul_params(model) -> tuple[int, int]:
+    """(frozen, lora) matmul parameter counts, from layer shapes (quantised ones too)."""
+    import torch
+
+    frozen = lora = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            n = int(mod.in_features) * int(mod.out_features)
+            parts = name.split(".")
+            if "lora_A" in parts or "lora_B" in parts:
+                lora += n
+            else:
+                frozen += n
+    return frozen, lora
+
+
+class _Partial(dict):
+    """What the cell has measured so far, kept so an OOM or error loses nothing."""
+
+
+def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one cell in this process; returns the worker half of the result record."""
+    opts = opts or {}
+    spec = CellSpec.from_dict(spec_dict)
+    out = _Partial(status=Status.ERROR.value, error=None, losses=[], step_times_s=[], loaded_layers=None,
+                   grad_ckpt_evidence=None)
+    sampler = None
+    device = None
+    try:
+        import torch
+        from harness.trackers.memory import MemorySampler, nvml_index_for_visible_device
+
+        # NVML's baseline is read before this process initialises CUDA.
+        want_cuda = opts.get("device", "auto") != "cpu"
+        sampler = MemorySampler(use_nvml=want_cuda, period_s=float(opts.get("nvml_period_s", 0.005)),
+                                nvml_index=nvml_index_for_visible_device(0) if want_cuda else 0)
+        if want_cuda and not sampler.nvml_ok:
+            sampler = MemorySampler(use_nvml=False, period_s=sampler.period_s)
+        sampler.start()
+        device = pick_device(opts.get("device", "auto"))
+        if device.type != "cuda" and sampler.nvml_ok:
+            sampler.stop()
+            sampler = MemorySampler(use_nvml=False, period_s=sampler.period_s).start()
+        out["device"] = device.type
+        out["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        out["memory_metric"] = "vram" if device.type == "cuda" else "rss"
+        _run(spec, opts, device, sampler, out)
+        out["status"] = Status.OK.value
+    except Unsupported as exc:
+        out["status"] = Status.UNSUPPORTED.value
+        out["error"] = str(exc)
+    except (PrecisionProofError, CheckpointProofError) as exc:
+        out["status"] = Status.ERROR.value
+        out["error"] = str(exc)
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes a record
+        text = f"{type(exc).__name__}: {exc}"
+        if type(exc).__name__ == "OutOfMemoryError" or is_oom_message(text):
+            out["status"] = Status.OOM.value
+            out["error"] = text.splitlines()[0][:500]
+            out["oom_phase"] = out.get("phase")
+        else:
+            out["status"] = Status.ERROR.value
+            out["error"] = text[:2000]
+            out["traceback"] = traceback.format_exc()[-4000:]
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+    finally:
+        if sampler is not None:
+            sampler.energy_stop()
+            sampler.stop()
+            out.update(sampler.results())
+        if device is not None and device.type == "cuda":
+            from harness.trackers.memory import torch_memory_stats
+
+            try:
+                out.update(torch_memory_stats(device))
+            except Exception:
+                pass
+        _finish(spec, out)
+    return dict(out)
+
+
+
+def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial) -> None:
+    import contextlib
+
+    import numpy as np
+    import peft
+    import torch
+
+    from harness import checkpointing, data
+    from harness.models import get_preset, skip_modules
+    from harness.models.build import load_model
+    from harness.trackers.timing import StepTimer
+
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # cosmetic only
+        pass
+    out["phase"] = "check"
+    check_support(spec, device)
+    mode = get_mode(spec.precision)
+    bf16_ok = bf16_supported(device)
+    compute = compute_dtype_name(bf16_ok)
+    preset = None if spec.model_path else get_preset(spec.model)
+    skips = skip_modules(preset)
+    out["compute_dtype"] = mode.weight_dtype or compute
+
+    out["phase"] = "load"
+    _log(f"loading {spec.model} ({spec.precision}, {spec.resolved_load()}) on {device}")
+    kw = load_kwargs(spec.precision, bf16_supported=bf16_ok, skip_modules=skips)
+    model, info = load_model(spec, load_kwargs=kw, device=str(device), cache_dir=opts.get("cache_dir"), log=_log)
+    out.update(info)
+
+    out["phase"] = "prepare"
+    evidence = checkpointing.apply(model, spec.grad_ckpt)
+    lcfg = peft.LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                           target_modules=_lora_target(spec), bias="none", task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, lcfg)
+    # from_pretrained gave us an eval-mode model; transformers skips checkpointing in
+    # eval mode. The evidence check below catches a loop that forgets this.
+    if not opts.get("_test_forget_train_mode"):
+        model.train()
+    counts = count_layers(model, skips, quantized=mode.quant is not None)
+    out["loaded_layers"] = counts
+    problems = verify_layers(spec.precision, counts, compute_dtype=compute)
+    if problems:
+        raise PrecisionProofError(f"precision proof failed for {spec.precision}: " + "; ".join(problems))
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    lora_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable or any("lora_" not in n for n in lora_names):
+        raise PrecisionProofError(f"trainable parameters other than LoRA: {[n for n in lora_names if 'lora_' not in n][:5]}")
+    out["trainable_params"] = int(sum(p.numel() for p in trainable))
+    out["total_params"] = int(sum(p.numel() for p in model.parameters()))
+    frozen_mm, lora_mm = _matmul_params(model)
+    out["adapter_dtype"] = str(trainable[0].dtype).replace("torch.", "")
+    opt = _make_optimizer(spec.optimizer, trainable, spec.lr)
+    use_scaler = (mode.weight_dtype == "float16") or (mode.quant is not None and compute == "float16")
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    amp_dtype = None if mode.weight_dtype == "float32" else getattr(torch, mode.weight_dtype or compute)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
+    out["autocast_dtype"] = str(amp_dtype).replace("torch.", "") if amp_dtype is not None else None
+    out["loss_scaling"] = bool(use_scaler)
+
+    cfg = model.config
+    vocab = int(cfg.vocab_size)
+    n_total = spec.warmup_steps + spec.steps
+    batches = [torch.from_numpy(b) for b in data.make_batches(vocab, spec.seq_len, spec.batch_size, n_total, spec.seed)]
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    timer = StepTimer(sync)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    skipped = 0
+    lora_params_with_grad = None
+    out["phase"] = "train"
+    _log(f"training: {spec.warmup_steps} warm-up + {spec.steps} measured steps of {spec.tokens_per_step} tokens")
+    for i in range(n_total):
+        if i == spec.warmup_steps:
+            sampler.energy_start()
+        ids = batches[i].to(device, non_blocking=True)
+        timer.start()
+        evidence.enter("forward")
+        probe = evidence.probe_saved(device) if i == 0 else contextlib.nullcontext()
+        with probe, autocast():
+            loss = model(input_ids=ids, labels=ids).loss
+        evidence.enter("backward")
+        scaler.scale(loss).backward()
+        evidence.leave()
+        if i == 0:
+            lora_params_with_grad = sum(1 for p in trainable if p.grad is not None)
+        scale_before = scaler.get_scale() if use_scaler else None
+        scaler.step(opt)
+        scaler.update()
+        if use_scaler and scaler.get_scale() < scale_before:
+            skipped += 1  # the scaler found inf/nan gradients and skipped this step
+        opt.zero_grad(set_to_none=True)
+        dt = timer.stop()
+        lv = float(loss.detach().float().item())
+        out["losses"].append(lv)
+        _log(f"step {i + 1}/{n_total}{' (warm-up)' if i < spec.warmup_steps else ''}: loss {lv:.4f}, {dt * 1000:.1f} ms")
+    sync()
+    sampler.energy_stop()
+    out["phase"] = "verify"
+    out["step_times_s"] = timer.times[spec.warmup_steps:]
+    out["warmup_step_times_s"] = timer.times[: spec.warmup_steps]
+    out["scaler_skipped_steps"] = skipped if use_scaler else None
+    ev = evidence.to_dict(spec.grad_ckpt, n_total)
+    ev["lora_params_with_grad"] = lora_params_with_grad
+    ev["lora_params"] = len(trainable)
+    # The decoder layers' own flag is what transformers checks; a PeftModel wrapper is
+    # in training mode from birth even when the model inside it is still in eval mode.
+    ev["model_training_mode"] = all(layer.training for layer in evidence.layers)
+    ev["transformers_gc_enabled"] = checkpointing.transformers_flag(model)
+    out["grad_ckpt_evidence"] = ev
+    evidence.remove()
+    problems = checkpointing.verify(spec.grad_ckpt, ev)
+    if lora_params_with_grad != len(trainable):
+        problems.append(f"only {lora_params_with_grad} of {len(trainable)} LoRA parameters received gradients")
+    if problems:
+        raise CheckpointProofError(f"checkpointing proof failed for gc-{spec.grad_ckpt}: " + "; ".join(problems))
+    # Performance figures, only for a cell that completed.
+    n_layers = len(evidence.layers)
+    heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
+    head_dim = int(getattr(cfg, "head_dim", 0) or (cfg.hidden_size // heads if heads else 0))
+    fpt = flops_mod.train_flops_per_token(frozen_params=frozen_mm, lora_params=lora_mm, n_layers=n_layers,
+                                          seq_len=spec.seq_len, attn_dim=heads * head_dim)
+    out["flops_per_token"] = fpt
+    out["frozen_matmul_params"] = frozen_mm
+    out["lora_matmul_params"] = lora_mm
+    out["_energy"] = sampler.energy_j
+    del np
+
+
+def _finish(spec: CellSpec, out: _Partial) -> None:
+    """Derived figures from whatever was measured (also for OOM / error records)."""
+    from harness.trackers.timing import summarize
+
+    out.update(summarize(out.get("step_times_s") or [], spec.tokens_per_step))
+    energy = out.pop("_energy", None)
+    measured_tokens = spec.tokens_per_step * len(out.get("step_times_s") or [])
+    out["energy_j"] = energy
+    out["energy_per_token_j"] = (energy / measured_tokens) if (energy is not None and measured_tokens) else None
+    peak = flops_mod.peak_flops(out.get("device_name"), out.get("autocast_dtype") or "float32")
+    out["peak_flops"] = peak
+    out["mfu"] = flops_mod.mfu(out.get("tokens_per_s"), out.get("flops_per_token"), peak) if out.get("status") == Status.OK.value else None
+    losses = out.get("losses") or []
+    out["nonfinite_losses"] = sum(1 for v in losses if not math.isfinite(v))
+    if out.get("status") == Status.OK.value:
+        out.pop("phase", None)
+    out["worker_pid"] = os.getpid()

@@ -1,0 +1,85 @@
+"""Checkpointing modes do what they claim, and the proofs catch what they must."""
+
+import math
+
+import pytest
+
+from harness.checkpointing import verify
+from harness.spec import CellSpec
+from harness.workload import run_cell
+
+
+def _ev(mode, fwd=10, rec=0, off=0):
+    return {"mode": mode, "layer_runs_forward": fwd, "layer_recomputes": rec, "offloaded_tensors": off}
+
+
+def test_verify_rules():
+    assert verify("off", _ev("off")) == []
+    assert verify("off", _ev("off", rec=10))
+    assert verify("on", _ev("on", rec=10)) == []
+    assert "eval mode" in verify("on", _ev("on", rec=0))[0]
+    assert verify("on", _ev("on", rec=10, off=10))
+    assert verify("offload", _ev("offload", rec=10, off=10)) == []
+    assert verify("offload", _ev("offload", rec=10, off=0))
+    assert verify("offload", _ev("offload", fwd=0))
+
+
+def _cell(**kw):
+    base = dict(model="tiny-llama", precision="fp32", seq_len=64, warmup_steps=1, steps=2, lr=3e-3)
+    base.update(kw)
+    return CellSpec(**base).to_dict()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return {"cache_dir": str(tmp_path_factory.mktemp("ckpt-cache"))}
+
+
+def test_modes_give_the_same_training_and_the_evidence_differs(cache):
+    recs = {m: run_cell(_cell(grad_ckpt=m), cache) for m in ("off", "on", "offload")}
+    for m, r in recs.items():
+        assert r["status"] == "ok", (m, r["error"])
+    # Recomputation and offloading change where activations live, not the maths.
+    for m in ("on", "offload"):
+        assert recs[m]["losses"] == pytest.approx(recs["off"]["losses"], rel=1e-5)
+    ev = {m: r["grad_ckpt_evidence"] for m, r in recs.items()}
+    steps, layers = 3, 2
+    assert ev["off"]["layer_recomputes"] == 0 and ev["off"]["offloaded_bytes"] == 0
+    assert ev["on"]["layer_recomputes"] == steps * layers and ev["on"]["offloaded_bytes"] == 0
+    assert ev["offload"]["layer_recomputes"] == steps * layers
+    # every layer input (64 tokens x 128 hidden, fp32) went to host memory, every step
+    assert ev["offload"]["offloaded_bytes"] == steps * layers * 64 * 128 * 4
+    # the activations autograd kept outside checkpointed layers shrink with checkpointing
+    assert ev["on"]["saved_activation_bytes_step0"] < ev["off"]["saved_activation_bytes_step0"]
+    assert all(e["lora_params_with_grad"] == e["lora_params"] == 28 for e in ev.values())
+
+
+def test_forgetting_train_mode_fails_the_checkpointing_proof(cache):
+    """from_pretrained returns an eval-mode model, where transformers skips
+    checkpointing: a loop that forgets model.train() must not pass as gc-on."""
+    r = run_cell(_cell(precision="bf16", grad_ckpt="on", load="pretrained"), dict(cache, _test_forget_train_mode=True))
+    assert r["status"] == "error"
+    assert "checkpointing proof failed" in r["error"] and "0 layer recomputations" in r["error"]
+    assert r["grad_ckpt_evidence"]["model_training_mode"] is False
+    ok = run_cell(_cell(precision="bf16", grad_ckpt="on", load="pretrained"), cache)
+    assert ok["status"] == "ok" and ok["loaded_in_training_mode"] is False  # what from_pretrained gave
+
+
+def test_a_silently_quantised_16bit_cell_fails_the_precision_proof(cache, monkeypatch):
+    """The seed's failure: 16-bit asked, 4-bit loaded by a wrapper. The layer count catches it."""
+    import harness.workload as wl
+    from harness.precision import load_kwargs as real
+
+    monkeypatch.setattr(wl, "load_kwargs", lambda precision, **kw: real("nf4", **kw))
+    r = run_cell(_cell(precision="bf16", grad_ckpt="off", load="pretrained"), cache)
+    assert r["status"] == "error"
+    assert "precision proof failed for bf16" in r["error"] and "14 4-bit (Linear4bit) layers" in r["error"]
+    assert r["loaded_layers"]["linear4bit"]["count"] == 14
+
+
+def test_fp16_uses_loss_scaling_and_finite_losses(cache):
+    r = run_cell(_cell(precision="fp16", grad_ckpt="offload"), cache)
+    assert r["status"] == "ok", r["error"]
+    assert r["loss_scaling"] is True and r["scaler_skipped_steps"] is not None
+    assert r["adapter_dtype"] == "float32" and r["autocast_dtype"] == "float16"
+    assert all(math.isfinite(x) for x in r["losses"])
