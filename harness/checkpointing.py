@@ -23,6 +23,7 @@ Evidence, collected on every step by :class:`Evidence`:
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import Any
 
@@ -83,11 +84,18 @@ class Evidence:
             h.remove()
         self._handles.clear()
 
-    def probe_saved(self, device: torch.device):
-        """Context manager: sum the bytes autograd saves on ``device`` (first forward only)."""
+    def probe_saved(self, device: torch.device, model=None):
+        """Context manager: sum the bytes autograd saves on ``device`` (first forward only).
+
+        Parameters and buffers of ``model`` are left out: a linear layer saves its weight
+        for the backward pass, but the weight is not an activation.
+        """
         ev = self
         total = [0]
         seen: set[int] = set()
+        if model is not None:
+            for t in itertools.chain(model.parameters(), model.buffers()):
+                seen.add(t.untyped_storage().data_ptr())
 
         def pack(t):
             # Count each storage once: one activation saved by several ops (q, k and v

@@ -264,7 +264,7 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial) -
         ids = batches[i].to(device, non_blocking=True)
         timer.start()
         evidence.enter("forward")
-        probe = evidence.probe_saved(device) if i == 0 else contextlib.nullcontext()
+        probe = evidence.probe_saved(device, model) if i == 0 else contextlib.nullcontext()
         with probe, autocast():
             loss = model(input_ids=ids, labels=ids).loss
         evidence.enter("backward")
