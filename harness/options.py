@@ -55,6 +55,8 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("fail-on-oom", "count out-of-memory cells as failures (default: they are measurements)", kind="flag"),
     Opt("cache-dir", "folder for synthetic checkpoints (default $LORA_HARNESS_CACHE or ~/.cache/lora-harness)"),
     Opt("nvml-period-ms", "NVML sampling period in milliseconds (default 5)", kind="float"),
+    Opt("no-prune", "run cells that must run out of memory (a shorter cell of the same row already did) instead of "
+                    "recording them as pruned OOMs", kind="flag"),
 )
 
 
@@ -69,6 +71,7 @@ class SweepConfig:
     cell_timeout_s: float = 900.0
     cache_dir: str | None = None
     nvml_period_s: float = 0.005
+    prune: bool = True
     options: dict[str, Any] = field(default_factory=dict)
 
     def worker_opts(self) -> dict[str, Any]:
@@ -100,5 +103,5 @@ def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
         raise SpecError("--nvml-period-ms must be positive")
     return SweepConfig(cells=tuple(cells), matrix=matrix, device=device, run_dir=v["run-dir"],
                        resume=bool(v["resume"]), fail_on_oom=bool(v["fail-on-oom"]), cell_timeout_s=float(timeout),
-                       cache_dir=v["cache-dir"], nvml_period_s=period_ms / 1000.0,
+                       cache_dir=v["cache-dir"], nvml_period_s=period_ms / 1000.0, prune=not v["no-prune"],
                        options={k: val for k, val in v.items() if val not in (None, False)})

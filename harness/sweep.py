@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from harness import capability
 from harness.options import SweepConfig
+from harness.prune import pruned_by, pruned_record
 from harness.result import Status, make_record
 from harness.runner import ForkServerRunner, classify
 from harness.spec import CellSpec
@@ -95,10 +96,14 @@ class Sweep:
             return rec
         self.start()  # every run folder gets env.json, even if no cell can run here
         reason = capability.predict(cell, self.facts)
+        cause = pruned_by(cell, self.records) if self.config.prune else None
         t0 = time.monotonic()
         if reason:
             worker = {"status": Status.UNSUPPORTED.value, "error": reason, "predicted_unsupported": True}
             extra: dict[str, Any] = {"wall_time_s": 0.0}
+        elif cause:
+            worker = pruned_record(cell, cause)
+            extra = {"wall_time_s": 0.0}
         else:
             assert self.runner is not None
             log = store.log_path(cell.cell_id)

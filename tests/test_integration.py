@@ -120,3 +120,24 @@ def test_oom_is_a_measurement_not_a_failure(tmp_path):
     rec = json.loads((tmp_path / "a" / "results.jsonl").read_text())
     assert rec["status"] == "oom" and rec["peak_rss_bytes"] > 0
     assert strict.returncode == 1 and "1 failed" in strict.stdout
+
+
+def test_longer_cells_after_an_oom_are_pruned(tmp_path):
+    """With a real OOM at 16k tokens, the 32k cell of the same row is recorded as a pruned
+    OOM without running; --no-prune runs it (and it really runs out of memory)."""
+    args = ["suites/", "-p", "no:cacheprovider", "-p", "no:benchmark", "--device", "cpu", "--precision", "fp32",
+            "--seq-len", "16384,32768", "--grad-ckpt", "off", "--steps", "1", "--warmup-steps", "0"]
+    os.environ["LORA_HARNESS_RLIMIT_AS_EXTRA"] = str(256 * 1024 ** 2)
+    try:
+        proc = _pytest(*args, "--run-dir", str(tmp_path / "a"))
+        unpruned = _pytest(*args, "--run-dir", str(tmp_path / "b"), "--no-prune")
+    finally:
+        del os.environ["LORA_HARNESS_RLIMIT_AS_EXTRA"]
+    assert proc.returncode == 0 and "2 xfailed" in proc.stdout, proc.stdout[-2000:]
+    recs = [json.loads(line) for line in (tmp_path / "a" / "results.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in recs] == ["oom", "oom"]
+    assert "pruned" not in recs[0] and recs[1]["pruned"] is True
+    assert recs[1]["pruned_by"] == "tiny-llama/fp32/s16384/gc-off" and recs[1]["wall_time_s"] == 0.0
+    recs_b = [json.loads(line) for line in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in recs_b] == ["oom", "oom"] and not any(r.get("pruned") for r in recs_b)
+    assert recs_b[1]["wall_time_s"] > 0
