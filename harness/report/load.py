@@ -1,0 +1,246 @@
+"""Run folders -> pandas DataFrames. Imports no torch.
+
+``load_runs(paths)`` is the public entry: one row per cell and run folder (the cell's
+last record: a resumed run may have retried it), units as stored, runs from several
+hosts merged with the device as a column. ``load_run_set`` returns the same frame plus
+every record (the comparison pools retries), what each run folder says about itself
+(``env.json``, ``run.json``) and the warnings met on the way.
+
+Bad input is a ``RunLoadError`` with a one-line message (missing folder, a folder that is
+not a run, no usable record) or a warning (a truncated last line, records of another
+schema version, an empty run next to usable ones) and the rest of the data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from harness.result import SCHEMA_VERSION
+from harness.store import StoreError, iter_records
+from harness.report.units import as_float
+
+# Columns that hold numbers (stored as numbers, or as "nan"/"inf" strings for
+# non-finite floats); coerced so that pandas sees floats and NaN, never strings.
+NUMERIC_FIELDS: tuple[str, ...] = (
+    "seq_len", "batch_size", "step_time_s", "tokens_per_s", "step_time_p90_s", "step_time_spread",
+    "peak_vram_bytes", "peak_vram_over_baseline_bytes", "baseline_vram_bytes", "peak_rss_bytes",
+    "peak_rss_sampled_bytes", "torch_peak_allocated_bytes", "torch_peak_reserved_bytes", "device_total_bytes",
+    "mfu", "energy_j", "energy_per_token_j", "flops_per_token", "peak_flops", "wall_time_s", "load_time_s",
+    "checkpoint_prepare_s", "trainable_params", "total_params", "nonfinite_losses", "scaler_skipped_steps",
+    "schema_version",
+)
+LIST_FIELDS: tuple[str, ...] = ("step_times_s", "warmup_step_times_s", "losses")
+AXES: tuple[str, ...] = ("model", "precision", "seq_len", "batch_size", "grad_ckpt")
+
+
+class RunLoadError(StoreError):
+    """A run folder (or results file) that cannot be used at all."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a run folder says about itself."""
+
+    path: str
+    run_id: str
+    env: dict[str, Any] = field(default_factory=dict)
+    commands: tuple[str, ...] = ()
+    n_records: int = 0
+    device_label: str = "?"
+
+
+@dataclass(frozen=True, eq=False)
+class RunSet:
+    """Loaded runs: ``cells`` (one row per run and cell), ``records`` (every record)."""
+
+    cells: pd.DataFrame
+    records: pd.DataFrame
+    runs: tuple[RunInfo, ...]
+    warnings: tuple[str, ...] = ()
+
+
+def resolve_results(path: str | os.PathLike) -> Path:
+    """A run folder or a results.jsonl file -> the results file (or a one-line error)."""
+    p = Path(path)
+    if not p.exists():
+        raise RunLoadError(f"{p}: no such run folder or file")
+    if p.is_dir():
+        if not (p / "results.jsonl").is_file():
+            raise RunLoadError(f"{p} is not a run folder (no results.jsonl)")
+        return p / "results.jsonl"
+    return p
+
+
+def _read_json(path: Path, notes: list[str]) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        notes.append(f"{path}: unreadable ({exc}); ignored")
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_run(path: str | os.PathLike) -> tuple[RunInfo, list[dict[str, Any]], list[str]]:
+    """One run: its info, its usable records in file order, and warnings."""
+    results = resolve_results(path)
+    folder = results.parent
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            raw = list(iter_records(results))
+        except OSError as exc:
+            raise RunLoadError(f"{results}: cannot read ({exc.strerror or exc})") from None
+    notes += [str(w.message) for w in caught]
+    records, skipped, versions = [], 0, {}
+    for rec in raw:
+        if not rec.get("cell_id") or not rec.get("status"):
+            skipped += 1
+            continue
+        v = rec.get("schema_version")
+        if v != SCHEMA_VERSION:
+            versions[v] = versions.get(v, 0) + 1
+        records.append(rec)
+    if skipped:
+        notes.append(f"{results}: {skipped} record(s) without a cell id or status skipped")
+    for v, n in versions.items():
+        what = "no schema version (older than 1)" if v is None else f"schema version {v}"
+        notes.append(f"{results}: {n} record(s) of {what}; this harness writes version {SCHEMA_VERSION}: "
+                     "fields they lack are shown as blank")
+    env = _read_json(folder / "env.json", notes)
+    meta = _read_json(folder / "run.json", notes)
+    commands = tuple(str(i.get("command")) for i in meta.get("invocations", []) if isinstance(i, dict) and i.get("command"))
+    run_id = str(meta.get("run_id") or (records[0].get("run_id") if records else None) or folder.name)
+    info = RunInfo(path=str(folder), run_id=run_id, env=env, commands=commands, n_records=len(records),
+                   device_label=_run_device_label(env, records))
+    return info, records, notes
+
+
+def _run_device_label(env: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    """The device a run's cells ran on: from its records where they say, else env.json."""
+    for rec in records:
+        if rec.get("device") == "cuda" and rec.get("device_name"):
+            return str(rec["device_name"])
+        if rec.get("device") == "cpu":
+            return f"CPU ({rec.get('hostname') or env.get('hostname') or '?'})"
+    if env.get("device") == "cuda" and env.get("gpu_name"):
+        return str(env["gpu_name"])
+    return f"CPU ({env.get('hostname') or '?'})"
+
+
+def _device_total(env: dict[str, Any]) -> float | None:
+    for key in ("nvml_gpus", "devices"):
+        for d in env.get(key) or []:
+            if isinstance(d, dict) and d.get("memory_total_bytes"):
+                return float(d["memory_total_bytes"])
+    return None
+
+
+def _row(rec: dict[str, Any], info: RunInfo, index: int) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for k, v in rec.items():
+        row[k] = v
+        if k == "grad_ckpt_evidence" and isinstance(v, dict):  # numeric evidence is comparable: flatten it
+            row.update({f"{k}.{kk}": vv for kk, vv in v.items() if not isinstance(vv, (dict, list))})
+    for k in LIST_FIELDS:
+        vals = rec.get(k)
+        row[k] = [x for x in (as_float(v) for v in vals)] if isinstance(vals, list) else []
+    row["run_dir"] = info.path
+    row["run_id"] = rec.get("run_id") or info.run_id
+    row["record_index"] = index
+    own = rec.get("device")
+    row["device_label"] = (str(rec.get("device_name")) if own == "cuda" and rec.get("device_name")
+                           else f"CPU ({rec.get('hostname') or info.env.get('hostname') or '?'})" if own == "cpu"
+                           else info.device_label)
+    if row.get("device_total_bytes") is None and not row["device_label"].startswith("CPU"):
+        row["device_total_bytes"] = _device_total(info.env)
+    return row
+
+
+def records_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Rows -> a frame with the schema's columns always present and numbers as floats."""
+    df = pd.DataFrame(rows)
+    for col in ("cell_id", "status", "error", *AXES, *NUMERIC_FIELDS, *LIST_FIELDS, "device_label", "gpu_name",
+                "hostname", "timestamp", "memory_metric", "device"):
+        if col not in df.columns:
+            df[col] = None
+    for col in NUMERIC_FIELDS + tuple(c for c in df.columns if c.startswith("grad_ckpt_evidence.")):
+        df[col] = pd.to_numeric(df[col].map(as_float), errors="coerce")
+    df["schema_version"] = df["schema_version"].fillna(0)
+    df["status"] = df["status"].astype(str)
+    # The peak memory a reader cares about: VRAM on a GPU, resident memory on a CPU host.
+    vram = df["peak_vram_bytes"]
+    df["memory_kind"] = vram.notna().map({True: "VRAM", False: "RSS"})
+    df.loc[df["device_label"].astype(str).str.startswith("CPU"), "memory_kind"] = "RSS"
+    df["memory_bytes"] = vram.where(df["memory_kind"] == "VRAM", df["peak_rss_bytes"])
+    df["tokens_per_step"] = df["seq_len"] * df["batch_size"].fillna(1)
+    return df
+
+
+def latest_per_cell(records: pd.DataFrame) -> pd.DataFrame:
+    """The last record of each (run, cell), with ``attempts`` = records of that cell."""
+    if records.empty:
+        return records.assign(attempts=pd.Series(dtype=int))
+    keys = ["run_dir", "cell_id"]
+    attempts = records.groupby(keys)["record_index"].transform("size")
+    out = records.assign(attempts=attempts).sort_values(keys[:1] + ["record_index"])
+    out = out.drop_duplicates(keys, keep="last")
+    return out.sort_values(["device_label", "model", "precision", "grad_ckpt", "batch_size", "seq_len", "run_dir"],
+                           key=_sort_key).reset_index(drop=True)
+
+
+def _sort_key(col: pd.Series) -> pd.Series:
+    """Precisions and checkpointing modes in the harness's order, not alphabetically."""
+    from harness.spec import GRAD_CKPT_MODES, PRECISIONS
+
+    if col.name == "precision":
+        return col.map(lambda p: PRECISIONS.index(p) if p in PRECISIONS else len(PRECISIONS))
+    if col.name == "grad_ckpt":
+        return col.map(lambda g: GRAD_CKPT_MODES.index(g) if g in GRAD_CKPT_MODES else len(GRAD_CKPT_MODES))
+    return col.astype(str) if col.dtype == object else col
+
+
+def load_run_set(paths: Sequence[str | os.PathLike]) -> RunSet:
+    """Load run folders (or results.jsonl files). A path that is missing or not a run is
+    an error; a run without usable records is a warning while others have some."""
+    if not paths:
+        raise RunLoadError("no run folder given")
+    infos, rows, notes = [], [], []
+    seen: set[str] = set()
+    for p in paths:
+        info, recs, run_notes = read_run(p)
+        notes += run_notes
+        if info.path in seen:
+            notes.append(f"{info.path} given twice; read once")
+            continue
+        seen.add(info.path)
+        if not recs:
+            notes.append(f"{info.path}/results.jsonl holds no usable records; left out")
+            continue
+        infos.append(info)
+        rows += [_row(r, info, i) for i, r in enumerate(recs)]
+    if not rows:
+        where = ", ".join(str(p) for p in paths)
+        raise RunLoadError(f"{where}: no usable records (results.jsonl is empty or unreadable)")
+    records = records_frame(rows)
+    return RunSet(cells=latest_per_cell(records), records=records, runs=tuple(infos), warnings=tuple(notes))
+
+
+def load_runs(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """One row per cell and run folder, units as stored; the device is ``device_label``
+    (the GPU model, or ``CPU (<host>)``). Warnings are issued as ``UserWarning``."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    rs = load_run_set(list(paths))
+    for note in rs.warnings:
+        warnings.warn(note, stacklevel=2)
+    return rs.cells
