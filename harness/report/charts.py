@@ -1,0 +1,156 @@
+"""Charts of a loaded run set: what is drawn, in which groups, and how files are written.
+
+Figures are built with ``matplotlib.figure.Figure`` on an Agg canvas: no pyplot, no
+global figure registry, no interactive backend (reports are made on servers and in CI).
+Each plotted series carries a ``gid`` (``series-...``), which the SVG output keeps as an
+element id, so a test can count the series in the file itself.
+
+One set of charts is drawn per group of cells that share a device, a model and a batch
+size: lines of different devices or models on one axis would compare unlike things.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import matplotlib
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from harness.spec import GRAD_CKPT_MODES, PRECISIONS
+
+# Fixed colours per precision, so bf16 is the same colour in every chart of every report.
+PRECISION_COLORS: dict[str, str] = {
+    "fp32": "#7f7f7f", "bf16": "#1f77b4", "fp16": "#17becf", "int8": "#d62728",
+    "nf4": "#2ca02c", "fp4": "#bcbd22", "nf4-dq": "#9467bd",
+}
+MODE_COLORS: dict[str, str] = {"off": "#444444", "on": "#1f77b4", "offload": "#ff7f0e"}
+MODE_TITLES: dict[str, str] = {
+    "off": "no checkpointing (gc-off)",
+    "on": "checkpointing (gc-on)",
+    "offload": "checkpointing + CPU offload (gc-offload)",
+}
+STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
+         "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False}
+
+
+@dataclass(frozen=True)
+class Group:
+    """Cells drawn together: one device, one model, one batch size."""
+
+    device: str
+    model: str
+    batch_size: int
+    cells: pd.DataFrame
+
+    @property
+    def slug(self) -> str:
+        return slugify(f"{self.model}-{self.device}" + (f"-b{self.batch_size}" if self.batch_size != 1 else ""))
+
+    @property
+    def subtitle(self) -> str:
+        b = f", batch {self.batch_size}" if self.batch_size != 1 else ", batch 1"
+        return f"{self.model} on {self.device}{b}"
+
+
+@dataclass(frozen=True, eq=False)
+class Chart:
+    """A drawn chart: ``kind`` (file stem), the figure and the labels of its series."""
+
+    kind: str
+    title: str
+    group: Group
+    figure: Figure
+    series: tuple[str, ...]
+    caption: str = ""
+
+    @property
+    def stem(self) -> str:
+        return f"{self.kind}--{self.group.slug}"
+
+
+def slugify(text: str) -> str:
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-")
+
+
+def precision_order(values) -> list[str]:
+    vals = [v for v in dict.fromkeys(values) if isinstance(v, str)]
+    return sorted(vals, key=lambda p: (PRECISIONS.index(p) if p in PRECISIONS else 99, p))
+
+
+def mode_order(values) -> list[str]:
+    vals = [v for v in dict.fromkeys(values) if isinstance(v, str)]
+    return sorted(vals, key=lambda m: (GRAD_CKPT_MODES.index(m) if m in GRAD_CKPT_MODES else 99, m))
+
+
+def groups(cells: pd.DataFrame) -> list[Group]:
+    """Cells split by device, model and batch size (rows without axes are left out).
+    Several runs of one cell on one device: the latest record is drawn."""
+    d = cells.dropna(subset=["model", "precision", "seq_len", "grad_ckpt"])
+    out = []
+    for (dev, model, bs), g in d.groupby(["device_label", "model", d["batch_size"].fillna(1)], sort=True):
+        g = g.sort_values("timestamp", na_position="first").drop_duplicates("cell_id", keep="last")
+        out.append(Group(str(dev), str(model), int(bs), g.reset_index(drop=True)))
+    return out
+
+
+def new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)  # Agg renders it; nothing interactive is involved
+    return fig
+
+
+def seq_axis(ax, lengths) -> None:
+    """Sequence length on a log2 axis with the measured lengths as ticks, in order."""
+    ticks = sorted({int(x) for x in lengths if x == x})
+    ax.set_xscale("log", base=2)
+    if ticks:
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:,}" for t in ticks])
+        ax.set_xlim(ticks[0] / 1.4, ticks[-1] * 1.4)
+    ax.minorticks_off()
+    ax.set_xlabel("sequence length (tokens, log scale)")
+
+
+def series_labels(fig: Figure) -> tuple[str, ...]:
+    """The gids of every series drawn on a figure (what the SVG will hold)."""
+    out = []
+    for ax in fig.axes:
+        for artist in [*ax.lines, *ax.collections, *ax.patches, *ax.images]:
+            gid = artist.get_gid()
+            if gid and gid.startswith("series-"):
+                out.append(gid)
+    return tuple(out)
+
+
+def all_charts(cells: pd.DataFrame) -> Iterator[Chart]:
+    """Every chart the report shows, group by group, in reading order."""
+    from harness.report import chart_matrix, chart_scaling
+
+    makers: tuple[Callable[[Group], Chart | None], ...] = (
+        chart_matrix.status_grid, chart_scaling.memory_chart, chart_scaling.throughput_chart,
+        chart_scaling.checkpointing_tradeoff, chart_matrix.loss_curves,
+    )
+    for g in groups(cells):
+        for make in makers:
+            chart = make(g)
+            if chart is not None:
+                yield chart
+
+
+def save(chart: Chart, folder: Path, formats: tuple[str, ...] = ("png", "svg")) -> dict[str, Path]:
+    """Write the chart as PNG and SVG; returns {format: path}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for fmt in formats:
+        path = folder / f"{chart.stem}.{fmt}"
+        # a fixed hash salt and no date keep the SVG identical from one run to the next
+        meta = {"Date": None} if fmt == "svg" else {}
+        with matplotlib.rc_context({"svg.hashsalt": "lora-harness"}):
+            chart.figure.savefig(path, format=fmt, dpi=110 if fmt == "png" else None, metadata=meta)
+        paths[fmt] = path
+    return paths
