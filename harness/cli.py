@@ -5,6 +5,8 @@ pytest plugin uses. User errors end in one line on stderr and exit code 2.
     lora-harness cells [options]   list the cells the options select (nothing runs)
     lora-harness env [--json]      this host's fingerprint
     lora-harness show RUN_DIR      the summary table of a run folder
+    lora-harness report RUN_DIR... charts, report.md and report.html (harness.cli_report)
+    lora-harness compare BASE CUR  regression check against a baseline (harness.cli_report)
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import sys
 from typing import Any, Sequence
 
+from harness import cli_report
 from harness import env as env_mod
 from harness.options import OPTIONS, build_config
 from harness.spec import SpecError
@@ -49,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="JSON instead of a table")
     show = sub.add_parser("show", help="summary table of a run folder")
     show.add_argument("run_dir")
+    cli_report.add_commands(sub)  # issue 3: report, compare (each sets its handler)
     return p
 
 
@@ -148,7 +152,9 @@ def cmd_show(ns) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     ns = parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "cells": cmd_cells, "env": cmd_env, "show": cmd_show}[ns.command](ns)
+        handler = getattr(ns, "handler", None) or {"run": cmd_run, "cells": cmd_cells, "env": cmd_env,
+                                                   "show": cmd_show}[ns.command]
+        return handler(ns)
     except (SpecError, StoreError, CliError) as exc:
         print(f"lora-harness: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,7 +1,10 @@
 """Crafted records and run folders for the reporter and comparison tests."""
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "runs"
@@ -43,3 +46,16 @@ def write_run(folder, records, env=None):
     (folder / "run.json").write_text(json.dumps({"run_id": folder.name,
                                                  "invocations": [{"command": f"crafted {folder.name}"}]}))
     return folder
+
+
+def run(*args, cwd=ROOT):
+    """``python -m <args>`` from the repository root, as a user would run it."""
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def one_line_error(p, code, msg):
+    """The process ended with ``code`` and exactly one stderr line holding ``msg``."""
+    assert p.returncode == code, (p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and msg in lines[0] and "Traceback" not in p.stderr, p.stderr

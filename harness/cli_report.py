@@ -1,0 +1,80 @@
+"""``lora-harness report`` and ``lora-harness compare`` (issue 3), registered by
+``harness.cli``. Thin: the work is in harness.report.build and harness.regress.
+
+    lora-harness report RUN_DIR [RUN_DIR ...] [--out DIR]
+    lora-harness compare BASELINE [BASELINE ...] CURRENT [--fail METRIC:+N%] [--out FILE]
+
+Exit codes: report 0 (written) / 2 (unusable input); compare 0 (no regression) /
+1 (regression) / 2 (unusable input). Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+EXIT_USAGE = 2
+
+
+def _error(msg: str) -> int:
+    print(f"lora-harness: error: {msg}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _warn(lines) -> None:
+    for w in lines:
+        print(f"lora-harness: warning: {w}", file=sys.stderr)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add the subcommands to the CLI's parser, each with its ``handler``."""
+    rep = sub.add_parser("report", help="charts, report.md and report.html of run folders",
+                         description="Write charts (PNG, SVG), report.md and a self-contained report.html.")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folder(s) (or results.jsonl files)")
+    rep.add_argument("--out", help="folder for the report (default: the run folder; required for several runs)")
+    cmp = sub.add_parser("compare", help="compare a run with a baseline; exit 1 on regression",
+                         description="Compare CURRENT with BASELINE (several baseline folders pool their "
+                                     "measurements). Exit 0: no regression, 1: regression, 2: unusable input.")
+    cmp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="BASELINE [BASELINE ...] CURRENT")
+    cmp.add_argument("--fail", action="append", metavar="METRIC:+-N[%]",
+                     help="regression threshold, repeatable or comma list: a sign says which way is worse, e.g. "
+                          "tokens_per_s:-5%% peak_vram_bytes:+3%% mfu:-0.02 (default: tokens_per_s:-5%%, "
+                          "peak_vram_bytes:+3%%)")
+    cmp.add_argument("--fail-missing", action="store_true", help="count baseline cells missing from CURRENT as regressions")
+    cmp.add_argument("--out", help="markdown report path (default: CURRENT/compare.md)")
+    rep.set_defaults(handler=cmd_report)
+    cmp.set_defaults(handler=cmd_compare)
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    from harness.report.build import build_report
+    from harness.report.load import RunLoadError
+
+    try:
+        files = build_report(ns.run_dirs, ns.out)
+    except RunLoadError as exc:
+        return _error(str(exc))
+    _warn(files.warnings)
+    print(f"report: {files.markdown}")
+    print(f"report: {files.html}")
+    print(f"charts: {len(files.charts)} files in {files.out_dir / 'charts'}")
+    return 0
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    from harness.compare import CompareError
+    from harness.regress import check, prepare
+    from harness.report.load import RunLoadError
+
+    if len(ns.runs) < 2:
+        return _error("compare needs a BASELINE and a CURRENT run folder")
+    try:
+        chk = prepare(ns.runs[:-1], ns.fail, fail_missing=ns.fail_missing)
+        out = check(chk, ns.runs[-1:], out=ns.out)
+    except (CompareError, RunLoadError) as exc:
+        return _error(str(exc))
+    _warn(out.warnings)
+    print(out.summary)
+    for line in out.lines:
+        print(line)
+    print(f"report: {out.report}")
+    return 1 if out.regressed else 0
