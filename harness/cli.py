@@ -73,6 +73,7 @@ def cmd_run(ns) -> int:
     from harness.sweep import Sweep
 
     cfg, facts = _config(ns)
+    baseline = _baseline_check(cfg)  # issue 3: checked before anything runs
     where = facts["gpu_name"] if facts["has_gpu"] and cfg.device != "cpu" else "CPU (no GPU found)" if not facts["has_gpu"] else "CPU (--device cpu)"
     print(f"lora-harness: {len(cfg.cells)} cells, {cfg.matrix} matrix, on {where}", flush=True)
     sweep = Sweep(cfg, facts, command="lora-harness " + " ".join(sys.argv[1:]))
@@ -91,7 +92,23 @@ def cmd_run(ns) -> int:
            or (r["status"] == "oom" and cfg.fail_on_oom)]
     print(f"\n{len(sweep.records)} cells: " + ", ".join(f"{n} {s}" for s, n in _count(sweep.records).items())
           + f"; results in {sweep.store.dir}")
+    if baseline is not None and sweep.records:  # issue 3: compare with the baseline
+        from harness.regress import check_sweep
+
+        verdict = check_sweep(baseline, sweep.store.dir, [r["cell_id"] for r in sweep.records])
+        print("\n".join(verdict.lines))
+        bad = bad or verdict.failed
     return 1 if bad else 0
+
+
+def _baseline_check(cfg):
+    """--baseline / --baseline-fail, loaded and parsed before anything runs (issue 3)."""
+    from harness import regress
+
+    try:
+        return regress.from_options(cfg.options)
+    except regress.BaselineError as exc:
+        raise CliError(f"--baseline: {exc}") from None
 
 
 def _count(records) -> dict[str, int]:

@@ -57,6 +57,12 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("nvml-period-ms", "NVML sampling period in milliseconds (default 5)", kind="float"),
     Opt("no-prune", "run cells that must run out of memory (a shorter cell of the same row already did) instead of "
                     "recording them as pruned OOMs", kind="flag"),
+    # issue 3: reports
+    Opt("baseline", "after the sweep, compare its cells with this baseline run folder (comma list: several, pooled) "
+                    "and fail on regression; the report goes to <run folder>/compare.md"),
+    Opt("baseline-fail", "regression thresholds for --baseline, comma list of METRIC:+N% or METRIC:-N% (the sign "
+                         "says which way is worse; default tokens_per_s:-5%,peak_vram_bytes:+3%); status changes "
+                         "for the worse always regress"),
 )
 
 

@@ -40,6 +40,8 @@ class HarnessSession:
         self._cfg: SweepConfig | None = None
         self.sweep = None
         self.n_items = 0
+        self.baseline = None  # issue 3: harness.regress.BaselineCheck with --baseline
+        self.baseline_verdict = None
 
     @property
     def facts(self) -> dict[str, Any]:
@@ -139,6 +141,13 @@ def pytest_configure(config: pytest.Config) -> None:
     # collection, not a collection error with a traceback.
     if any(config.getoption(o.dest) not in (None, False) for o in OPTIONS):
         config.stash[_KEY].cfg  # noqa: B018 - raises pytest.UsageError
+    if config.getoption("lh_baseline"):  # issue 3: load the baseline before anything runs
+        from harness import regress
+
+        try:
+            config.stash[_KEY].baseline = regress.from_options(config.stash[_KEY].cfg.options)
+        except regress.BaselineError as exc:
+            raise pytest.UsageError(f"lora-harness: --baseline: {exc}") from None
     config.addinivalue_line("markers", "matrix: a LoRA training cell of the precision x length x checkpointing matrix")
 
 
@@ -200,6 +209,23 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     tr.write_line(", ".join(f"{n} {st}" for st, n in counts.items())
                   + f" (OOM cells show as xfailed in pytest's counts{'; --fail-on-oom makes them fail' if not s.cfg.fail_on_oom else ''})")
     tr.write_line(f"results: {s.sweep.store.dir / 'results.jsonl'}")
+    if s.baseline_verdict is not None:  # issue 3
+        tr.write_line("")
+        for line in s.baseline_verdict.lines:
+            tr.write_line(line, red=s.baseline_verdict.failed, bold=s.baseline_verdict.failed)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """issue 3: with --baseline, compare this session's cells and fail it on regression
+    (pytest's terminal summary, printed after this hook, shows the verdict)."""
+    s = _session(session.config)
+    if s.baseline is None or s.sweep is None or not s.sweep.records:
+        return
+    from harness.regress import check_sweep
+
+    s.baseline_verdict = check_sweep(s.baseline, s.sweep.store.dir, [r["cell_id"] for r in s.sweep.records])
+    if s.baseline_verdict.failed and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

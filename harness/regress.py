@@ -101,3 +101,33 @@ def check(chk: BaselineCheck, current: str | Sequence[str], *, out: str | os.Pat
         raise BaselineError(f"cannot write the regression report {target}: {exc.strerror or exc}") from None
     return Outcome(cmp, target, summary_line(cmp), tuple(regression_lines(cmp)), warnings + cmp.warnings)
 
+
+# -- the end of a sweep (CLI `run` and the pytest plugin) --------------------------------
+def from_options(options: dict) -> BaselineCheck | None:
+    """The sweep options' ``--baseline`` / ``--baseline-fail``, prepared; None without."""
+    if not options.get("baseline"):
+        return None
+    return prepare(options["baseline"], options.get("baseline-fail"))
+
+
+@dataclass(frozen=True)
+class SweepVerdict:
+    """What to tell the user after a sweep, and whether it fails the session."""
+
+    failed: bool
+    lines: tuple[str, ...]
+    report: Path | None = None
+
+
+def check_sweep(chk: BaselineCheck, run_dir: str | os.PathLike, cell_ids: Collection[str]) -> SweepVerdict:
+    """Compare the sweep's cells (read back from its run folder, retries included) with
+    the baseline; the report goes into the run folder. Never raises for bad data: an
+    unusable comparison fails the session with its reason."""
+    try:
+        out = check(chk, [str(run_dir)], only_cells=set(cell_ids))
+    except (CompareError, RunLoadError) as exc:
+        return SweepVerdict(True, (f"lora-harness: baseline comparison failed: {exc}",))
+    lines = [f"lora-harness: baseline: {out.summary}", *out.lines]
+    lines += [f"lora-harness: warning: {w}" for w in out.warnings]
+    lines.append(f"lora-harness: regression report: {out.report}")
+    return SweepVerdict(out.regressed, tuple(lines), out.report)
