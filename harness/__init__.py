@@ -7,3 +7,13 @@ does, and runs in the worker processes only.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``harness.load_runs(paths)`` -> a DataFrame of run folders (harness.report.load),
+    imported on first use so that ``import harness`` stays free of pandas."""
+    if name in ("load_runs", "load_run_set"):
+        from harness.report import load
+
+        return getattr(load, name)
+    raise AttributeError(f"module 'harness' has no attribute {name!r}")

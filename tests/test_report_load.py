@@ -73,3 +73,14 @@ def test_non_finite_strings_become_nan(tmp_path):
     cells = load_runs(write_run(tmp_path / "r", [rec]))
     assert math.isnan(cells["mfu"].iloc[0])
     assert cells["losses"].iloc[0] == [1.0, None, None]
+
+
+def test_harness_exposes_load_runs_without_importing_pandas_eagerly():
+    import subprocess
+    import sys
+
+    code = ("import sys, harness; assert 'pandas' not in sys.modules; "
+            f"df = harness.load_runs({str(H200)!r}); print(len(df), df['device_label'].iloc[0])")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=str(H200.parent.parent.parent))
+    assert p.returncode == 0 and p.stdout.strip() == "27 NVIDIA H200", p.stderr

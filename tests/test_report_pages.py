@@ -44,7 +44,7 @@ def test_markdown_holds_every_table_the_environment_and_the_command(mixed_report
     # the failures with their reasons, units converted for people
     assert re.search(r"\| tiny-llama/fp4/s256/gc-off \| crash \| - \| worker killed by SIGSEGV", md)
     assert "NoMatchingPeftModuleError" in md and "killed after the cell's 0.3 s limit" in md
-    assert re.search(r"\| tiny-llama/bf16/s1024/gc-off \| ok \| [0-9,]+ tokens/s \| [0-9.]+ ms", md)
+    assert re.search(r"\| tiny-llama/bf16/s1024/gc-off \| ok \| [0-9,]+ \| [0-9.]+ ms", md)
     assert "ok (2 records)" in md  # the retried cells
     assert "| bitsandbytes | 0.50.2, backend cpu |" in md
 
@@ -62,7 +62,7 @@ def test_h200_report_against_its_numbers(tmp_path):
     md = r.markdown.read_text()
     # the reference README's figures, converted from the stored bytes and seconds
     assert "| llama-3.1-8b/bf16/s8192/gc-off | ok | 84.97 GiB |" in md
-    assert "| llama-3.1-8b/nf4/s8192/gc-offload | ok | 6,297 tokens/s |" in md
+    assert "| llama-3.1-8b/nf4/s8192/gc-offload | ok | 6,297 | 1,301 ms |" in md
     assert "NVIDIA H200, compute capability 9.0" in md and "Every cell finished." in md
 
 

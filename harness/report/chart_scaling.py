@@ -38,10 +38,10 @@ def _panels(g: Group, value_label: str, title: str, plot_panel, *, extra_handles
     return fig, axes
 
 
-def _dodge(x: float, precision: str, precs: list[str]) -> float:
-    """Spread OOM markers of different precisions at one length so none hides another."""
+def _dodge(x: float, precision: str, precs: list[str], step: float = 0.12) -> float:
+    """Spread markers of different precisions at one length so none hides another."""
     k = precs.index(precision) - (len(precs) - 1) / 2
-    return float(x) * 2 ** (0.12 * k)
+    return float(x) * 2 ** (step * k)
 
 
 def _oom_handle(text: str) -> Line2D:
@@ -106,14 +106,22 @@ def throughput_chart(g: Group) -> Chart | None:
     ok = g.cells[(g.cells["status"] == "ok") & g.cells["tokens_per_s"].notna()]
     if ok.empty:
         return None
-    top = float(ok["tokens_per_s"].max())
+    ranges = ok.apply(step_range, axis=1, result_type="expand")
+    top = float(max(ok["tokens_per_s"].max(), ranges[1].max() if not ranges.empty else 0))
 
     def panel(ax, d, precs, mode):
         for p in precs:
             rows = d[(d["precision"] == p) & (d["status"] == "ok")].sort_values("seq_len")
             if not rows.empty:
-                ax.plot(rows["seq_len"], rows["tokens_per_s"], marker="o", color=PRECISION_COLORS.get(p, "k"),
-                        label=p, gid=f"series-{mode}-{p}")
+                color = PRECISION_COLORS.get(p, "k")
+                ax.plot(rows["seq_len"], rows["tokens_per_s"], marker="o", color=color, label=p,
+                        gid=f"series-{mode}-{p}")
+                # the fastest and slowest measured step: how far one number can be trusted
+                lo_hi = rows.apply(step_range, axis=1, result_type="expand")
+                xs = [_dodge(x, p, precs, 0.04) for x in rows["seq_len"]]
+                ax.errorbar(xs, rows["tokens_per_s"], yerr=[(rows["tokens_per_s"] - lo_hi[0]).clip(lower=0),
+                                                            (lo_hi[1] - rows["tokens_per_s"]).clip(lower=0)],
+                            fmt="none", ecolor=color, elinewidth=1, capsize=3, alpha=0.7)
             for _, r in d[(d["precision"] == p) & (d["status"] == "oom")].iterrows():
                 # no throughput for a cell that ran out of memory: mark it on the floor
                 ax.plot([_dodge(r["seq_len"], p, precs)], [top * 0.03], marker="X", markersize=11, linestyle="none",
@@ -123,10 +131,23 @@ def throughput_chart(g: Group) -> Chart | None:
         ax.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
 
     with matplotlib.rc_context(STYLE):
+        bars = Line2D([], [], color="#555555", marker="|", markersize=12, linestyle="none",
+                      label="bar: slowest to fastest measured step")
+        oom = [_oom_handle("OOM (no throughput)")] if (g.cells["status"] == "oom").any() else []
         fig, _ = _panels(g, "throughput (tokens/s)", "Training throughput vs sequence length", panel,
-                         extra_handles=[_oom_handle("OOM (no throughput)")] if (g.cells["status"] == "oom").any() else [])
+                         extra_handles=[bars, *oom])
     return Chart("throughput", "tokens/s vs sequence length", g, fig, series_labels(fig),
-                 "Tokens per second of the measured steps (median step time; warm-up excluded).")
+                 "Tokens per second at the median measured step (warm-up excluded); the bars span the "
+                 "slowest to the fastest measured step.")
+
+
+def step_range(row: pd.Series) -> tuple[float, float]:
+    """(slowest, fastest) tokens/s over a cell's measured steps; the median where not stored."""
+    steps = [t for t in (row.get("step_times_s") or []) if t and t > 0]
+    tokens = row.get("tokens_per_step")
+    if not steps or not tokens or tokens != tokens:
+        return float(row["tokens_per_s"]), float(row["tokens_per_s"])
+    return float(tokens) / max(steps), float(tokens) / min(steps)
 
 
 def tradeoff_points(cells: pd.DataFrame) -> pd.DataFrame:

@@ -37,7 +37,7 @@ def speed_table(cells: pd.DataFrame) -> Table:
     for _, r in cells.iterrows():
         ok = r["status"] == "ok"
         rows.append(_cell(r, dev) + [_status(r)] + [
-            fmt("tokens_per_s", r["tokens_per_s"]) if ok else "-",
+            f"{r['tokens_per_s']:,.0f}" if ok and r["tokens_per_s"] == r["tokens_per_s"] else "-",  # unit in the header
             fmt("step_time_s", r["step_time_s"]) if ok else "-",
             fmt("step_time_p90_s", r["step_time_p90_s"]) if ok else "-",
             fmt("step_time_spread", r["step_time_spread"]) if ok else "-",
@@ -45,7 +45,7 @@ def speed_table(cells: pd.DataFrame) -> Table:
             fmt("mfu", r["mfu"]), fmt("energy_per_token_j", r["energy_per_token_j"]),
             fmt("wall_time_s", r["wall_time_s"]),
         ])
-    return _heads(dev, "status", "tokens/s", "step time (median)", "step time (p90)", "spread (max-min)/median",
+    return _heads(dev, "status", "tokens/s", "step time (median)", "step time (p90)", "step spread",
                   "measured steps", "MFU", "energy / token", "cell wall time"), rows
 
 
