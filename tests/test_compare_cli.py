@@ -1,6 +1,9 @@
-"""``lora-harness compare``: exit codes 0 / 1 / 2 and one-line errors."""
+"""``lora-harness compare``: exit codes 0 / 1 / 2 and one-line errors; the CI recipe."""
 
-from tests.report_helpers import FIXTURES, one_line_error, record, run, write_run
+import pytest
+
+from harness.options import OPTIONS
+from tests.report_helpers import FIXTURES, ROOT, one_line_error, record, run, write_run
 
 STEADY = (0.100, 0.101, 0.099, 0.100, 0.102)
 
@@ -46,3 +49,16 @@ def test_compare_truncated_baseline_warns_and_compares(tmp_path):
     assert "lora-harness: warning: " in p.stderr and "line 4 is not valid JSON" in p.stderr
     assert "no regression: 3 cells compared" in p.stdout
     assert "48 cells" not in p.stdout and "| tiny-llama/nf4/s64/gc-on | added |" in out.read_text()
+
+
+def test_the_ci_recipe_uses_real_options_and_a_committed_baseline():
+    yaml = pytest.importorskip("yaml")  # PyYAML comes with transformers
+    wf = yaml.safe_load((ROOT / "ci" / "github-gpu-regression.yml").read_text())
+    job = wf["jobs"]["lora-matrix"]
+    assert (ROOT / job["env"]["BASELINE"] / "results.jsonl").is_file()
+    script = "\n".join(s.get("run", "") for s in job["steps"])
+    flags = {f"--{o.name}" for o in OPTIONS}
+    for flag in ("--baseline", "--baseline-fail", "--run-dir", "--precision"):
+        assert flag in script and flag in flags
+    assert "lora-harness report" in script
+    assert any("upload-artifact" in s.get("uses", "") for s in job["steps"])
