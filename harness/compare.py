@@ -251,8 +251,11 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame, thresholds: Sequence[
     for cid in [c for c in dict.fromkeys(baseline["cell_id"]) if c not in c_ids]:
         cells.append(CellVerdict(cid, "removed", _last_status(b_groups[cid]), None,
                                  "regression" if fail_missing else "listed", "not in the current run"))
+    if not metrics and thresholds:
+        notes.append("no cell finished (ok) on both sides: only statuses were compared")
     for t in thresholds:
         judged = [m for m in metrics if m.threshold is t]
         if judged and all(m.verdict == "not measured" for m in judged):
-            notes.append(f"{t.metric} is not measured in these runs (e.g. VRAM on a CPU host): {t.text} not checked")
+            hint = " (VRAM is not measured on a CPU host)" if "vram" in t.metric else ""
+            notes.append(f"{t.metric} has no value on both sides of any compared cell{hint}: {t.text} not checked")
     return Comparison(tuple(thresholds), tuple(metrics), tuple(cells), len(common), tuple(notes))

@@ -60,8 +60,9 @@ OPTIONS: tuple[Opt, ...] = (
     # issue 3: reports
     Opt("baseline", "after the sweep, compare its cells with this baseline run folder (comma list: several, pooled) "
                     "and fail on regression; the report goes to <run folder>/compare.md"),
-    Opt("baseline-fail", "regression thresholds for --baseline, comma list of METRIC:+N% or METRIC:-N% (the sign "
-                         "says which way is worse; default tokens_per_s:-5%,peak_vram_bytes:+3%); status changes "
+    # (help texts go through argparse's %-formatting: a literal percent sign is %%)
+    Opt("baseline-fail", "regression thresholds for --baseline, comma list of METRIC:+N%% or METRIC:-N%% (the sign "
+                         "says which way is worse; default tokens_per_s:-5%%,peak_vram_bytes:+3%%); status changes "
                          "for the worse always regress"),
 )
 

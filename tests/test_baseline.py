@@ -58,3 +58,12 @@ def test_cli_run_with_a_baseline_trains_then_compares(tmp_path):
     assert (run_dir / "compare.md").is_file()
     one_line_error(run("harness", "run", "--device", "cpu", "--baseline", str(tmp_path / "nope")), 2,
                    "lora-harness: error: --baseline: ")
+
+
+def test_help_texts_render():
+    """argparse %-formats help texts: a stray percent sign breaks --help for everyone."""
+    p = run("pytest", "--help", "-p", "no:cacheprovider")
+    assert p.returncode == 0 and "--baseline-fail" in p.stdout and "tokens_per_s:-5%," in p.stdout, p.stderr[-500:]
+    for sub in ("run", "cells", "report", "compare"):
+        p = run("harness", sub, "--help")
+        assert p.returncode == 0 and "Traceback" not in p.stderr, (sub, p.stderr[-500:])
