@@ -80,3 +80,18 @@ def test_tradeoff_points_against_gc_off():
     assert p["memory_saved_bytes"] / 2 ** 30 == pytest.approx(84.97 - 34.49, abs=0.02)
     assert p["throughput_lost"] == pytest.approx(1 - 7167.3 / 10006.2, abs=1e-3)
     assert len(pts) == 3 * 2 * 3
+
+
+def test_pruned_ooms_are_marked_as_not_run(tmp_path):
+    """A pruned OOM (recorded without running: a shorter cell of its row ran out of
+    memory) has no memory figure: it is drawn hollow, and the grid says it was pruned."""
+    from tests.report_helpers import record, write_run
+
+    recs = [record("m/bf16/s512/gc-off"), record("m/bf16/s1024/gc-off", "oom", vram_gib=70.0),
+            record("m/bf16/s2048/gc-off", "oom", vram_gib=None, pruned=True, pruned_by="m/bf16/s1024/gc-off")]
+    cells = load_run_set([write_run(tmp_path / "run", recs)]).cells
+    charts = {c.kind: save(c, tmp_path / "charts") for c in all_charts(cells)}
+    svg = charts["memory"]["svg"].read_text()
+    assert sorted(svg_ids(charts["memory"]["svg"], "oom-")) == ["oom-off-bf16-s1024", "oom-off-bf16-s2048"]
+    assert "OOM, not run (pruned: a shorter cell ran out)" in svg and "memory reached when it ran out" in svg
+    assert "OOM (pruned)" in charts["status"]["svg"].read_text()

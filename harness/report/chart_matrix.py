@@ -51,6 +51,9 @@ def status_grid(g: Group) -> Chart | None:
     if table.empty:
         return None
     nrows, ncols = table.shape
+    # OOM cells recorded without running (a shorter cell of the row ran out): say so
+    pruned = {(f"{r['precision']} / gc-{r['grad_ckpt']}", int(r["seq_len"])) for _, r in g.cells.iterrows()
+              if r["status"] == "oom" and r.get("pruned") == True}  # noqa: E712
     with matplotlib.rc_context(STYLE):
         fig = new_figure(max(5.0, 1.25 * ncols + 2.8), 0.36 * nrows + 1.9)
         ax = fig.subplots()
@@ -62,6 +65,8 @@ def status_grid(g: Group) -> Chart | None:
                 ax.add_patch(Rectangle((j, i), 1, 1, facecolor=color, edgecolor="white", linewidth=2,
                                        gid=f"series-cell-{cls.replace(' ', '-')}-{row}-{col}".replace(" / ", "-")))
                 text = "" if cls == "not run" else (st if cls == "failed" else label)
+                if (row, col) in pruned:
+                    text = "OOM (pruned)"
                 ax.text(j + 0.5, i + 0.5, text, ha="center", va="center", fontsize=8.5,
                         color="black" if cls in ("unsupported", "oom", "not run") else "white", fontweight="bold")
         ax.set_xlim(0, ncols)

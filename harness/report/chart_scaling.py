@@ -44,8 +44,28 @@ def _dodge(x: float, precision: str, precs: list[str], step: float = 0.12) -> fl
     return float(x) * 2 ** (step * k)
 
 
-def _oom_handle(text: str) -> Line2D:
-    return Line2D([], [], color="black", marker="X", linestyle="none", markersize=9, label=text)
+def _oom_handle(text: str, *, hollow: bool = False) -> Line2D:
+    return Line2D([], [], color="black", marker="X", linestyle="none", markersize=9, label=text,
+                  markerfacecolor="none" if hollow else "black")
+
+
+def is_pruned(row: pd.Series) -> bool:
+    """An OOM recorded without running (a shorter cell of its row ran out of memory)."""
+    return bool(row.get("pruned") == True)  # noqa: E712 - NaN / None / numpy bools all compare
+
+
+def _oom_marker(ax, row: pd.Series, p: str, precs: list[str], mode: str, y: float | None, *,
+                y_axes: float = 0.95) -> None:
+    """An X at the cell's length: filled at ``y`` (data units) for a measured OOM; hollow
+    at ``y_axes`` (a fraction of the panel's height) where nothing was measured (pruned)."""
+    x = _dodge(row["seq_len"], p, precs)
+    color = PRECISION_COLORS.get(p, "k")
+    gid = f"oom-{mode}-{p}-s{int(row['seq_len'])}"
+    if y is not None and not is_pruned(row):
+        ax.plot([x], [y], marker="X", markersize=11, linestyle="none", markeredgecolor="black", color=color, gid=gid)
+    else:
+        ax.plot([x], [y_axes], marker="X", markersize=11, linestyle="none", markeredgecolor=color,
+                markerfacecolor="none", markeredgewidth=1.5, transform=ax.get_xaxis_transform(), gid=gid)
 
 
 def memory_chart(g: Group) -> Chart | None:
@@ -64,17 +84,14 @@ def memory_chart(g: Group) -> Chart | None:
             if not rows.empty:
                 ax.plot(rows["seq_len"], rows["memory_bytes"] / GIB, marker="o", color=PRECISION_COLORS.get(p, "k"),
                         label=p, gid=f"series-{mode}-{p}")
-            oom = d[(d["precision"] == p) & (d["status"] == "oom")]
-            for _, r in oom.iterrows():
-                y = r["memory_bytes"] / GIB if r["memory_bytes"] == r["memory_bytes"] else top
-                ax.plot([_dodge(r["seq_len"], p, precs)], [y], marker="X", markersize=11, linestyle="none", markeredgecolor="black",
-                        color=PRECISION_COLORS.get(p, "k"), gid=f"oom-{mode}-{p}-s{int(r['seq_len'])}")
+            for _, r in d[(d["precision"] == p) & (d["status"] == "oom")].iterrows():
+                measured = r["memory_bytes"] == r["memory_bytes"]
+                _oom_marker(ax, r, p, precs, mode, r["memory_bytes"] / GIB if measured else None)
         if vram:
             _card_lines(ax, device_gib, label=(mode == mode_order(g.cells["grad_ckpt"])[-1]))
         ax.set_ylim(0, max(top, device_gib or 0) * 1.08)
 
-    any_oom = (g.cells["status"] == "oom").any()
-    handles = [_oom_handle("OOM (memory reached when it ran out)")] if any_oom else []
+    handles = _oom_handles(g.cells, "OOM (memory reached when it ran out)")
     if vram:
         handles.append(Line2D([], [], color="#999999", linestyle="--", label="card sizes (GB)"))
         if device_gib:
@@ -85,6 +102,17 @@ def memory_chart(g: Group) -> Chart | None:
     caption = ("NVML's device-wide peak over the whole cell (CUDA context included)." if vram else
                "CPU host: the worker's peak resident memory stands in for VRAM; no card-size lines.")
     return Chart("memory", f"{what} vs sequence length", g, fig, series_labels(fig), caption)
+
+
+def _oom_handles(cells: pd.DataFrame, measured_label: str) -> list[Line2D]:
+    oom = cells[cells["status"] == "oom"]
+    pruned = oom.apply(is_pruned, axis=1) if not oom.empty else pd.Series(dtype=bool)
+    out = []
+    if (~pruned).any():
+        out.append(_oom_handle(measured_label))
+    if pruned.any():
+        out.append(_oom_handle("OOM, not run (pruned: a shorter cell ran out)", hollow=True))
+    return out
 
 
 def _card_lines(ax, device_gib: float | None, *, label: bool) -> None:
@@ -124,16 +152,14 @@ def throughput_chart(g: Group) -> Chart | None:
                             fmt="none", ecolor=color, elinewidth=1, capsize=3, alpha=0.7)
             for _, r in d[(d["precision"] == p) & (d["status"] == "oom")].iterrows():
                 # no throughput for a cell that ran out of memory: mark it on the floor
-                ax.plot([_dodge(r["seq_len"], p, precs)], [top * 0.03], marker="X", markersize=11, linestyle="none",
-                        markeredgecolor="black", color=PRECISION_COLORS.get(p, "k"),
-                        gid=f"oom-{mode}-{p}-s{int(r['seq_len'])}")
+                _oom_marker(ax, r, p, precs, mode, top * 0.03, y_axes=0.03)
         ax.set_ylim(0, top * 1.1)
         ax.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
 
     with matplotlib.rc_context(STYLE):
         bars = Line2D([], [], color="#555555", marker="|", markersize=12, linestyle="none",
                       label="bar: slowest to fastest measured step")
-        oom = [_oom_handle("OOM (no throughput)")] if (g.cells["status"] == "oom").any() else []
+        oom = _oom_handles(g.cells, "OOM (no throughput)")
         fig, _ = _panels(g, "throughput (tokens/s)", "Training throughput vs sequence length", panel,
                          extra_handles=[bars, *oom])
     return Chart("throughput", "tokens/s vs sequence length", g, fig, series_labels(fig),
