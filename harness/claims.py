@@ -115,7 +115,7 @@ def judge_more_stable(losses: dict[str, Sequence[float]], variant: str = "") -> 
     why = "" if ok else (f" (bf16 had {nonfinite['bf16']} non-finite losses)" if nonfinite["bf16"]
                          else f" ({', '.join(worse)} closer to fp32 than bf16)")
     return Verdict("more-stable", variant, HOLDS if ok else REFUTED,
-                   f"mean |loss - fp32 loss|: {text}; non-finite: {nonfinite}{why}",
+                   f"mean abs(loss - fp32 loss) over the steps: {text}; non-finite: {nonfinite}{why}",
                    {"mean_abs_dev_from_fp32": {k: (d if math.isfinite(d) else None) for k, d in dev.items()},
                     "nonfinite": nonfinite, "final_loss": final})
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from harness.budget import GIB, INITIAL_RESERVE_BYTES, MIB, REMEASURED_SLACK_BYTES, allocator_limit_bytes, budget_label
+from harness.budget import GIB, MIB, REMEASURED_SLACK_BYTES, allocator_limit_bytes, budget_label
 
 # An unconstrained NVML peak must sit this far under a budget to count as a fit there:
 # run-to-run variation of memory outside the allocator, and NVML's sampling gaps.

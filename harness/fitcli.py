@@ -6,18 +6,19 @@ over :class:`harness.fitrun.FitSearch`, like ``suites/test_fit.py``).
     lora-harness fit ... --dry-run     # the memory model's predictions; runs nothing, needs no GPU
 
 Budgets are searched smallest first, every row at one budget before the next, so a
-``--time-limit`` leaves complete columns. Exit status: 0 when every answer was measured,
+``--time-limit`` (counted from the process's start) leaves complete columns. Exit status: 0 when every answer was measured,
 1 when some were not (error, time limit), 2 for a usage error.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from harness import fitreport
-from harness.fitrun import FitSearch, fit_rows, fit_settings, load_prior, measure_with_reuse
-from harness.store import RunStore, StoreError
+from harness.fitrun import FitSearch, fit_rows, fit_settings, load_prior, measure_with_reuse, process_started_at
+from harness.store import load_records
 
 
 class FitUsageError(Exception):
@@ -42,12 +43,8 @@ def cmd_fit(values: dict[str, Any], facts: dict[str, Any], *, dry_run: bool, com
     prior = load_prior(settings.prior_dirs)
     title = title_for(rows)
     if dry_run:
-        records = []
-        if cfg.run_dir:
-            try:
-                records = RunStore(cfg.run_dir).records()
-            except StoreError:
-                records = []
+        results = Path(cfg.run_dir or "", "results.jsonl")
+        records = load_records(results) if cfg.run_dir and results.is_file() else []  # read only: creates nothing
         search = FitSearch(settings, measure=_refuse, records=records, prior=prior)
         for b in settings.budgets_bytes:
             for row in rows:
@@ -61,7 +58,7 @@ def cmd_fit(values: dict[str, Any], facts: dict[str, Any], *, dry_run: bool, com
     sweep = Sweep(cfg, facts, command=command, total=0)
     store = sweep.open_store()
     search = FitSearch(settings, measure=lambda c: measure_with_reuse(sweep, c), records=store.records(),
-                       prior=prior)
+                       prior=prior, started_at=process_started_at())
     print(f"lora-harness fit: {len(rows)} rows x {len(settings.budgets_bytes)} budgets on {facts.get('gpu_name')}; "
           f"run folder {store.dir}", flush=True)
     try:

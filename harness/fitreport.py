@@ -172,10 +172,8 @@ def chart(data: dict[str, Any], path: Path, title: str) -> Path:
             if a["status"] == "found":
                 xs.append(x)
                 ys.append(a["longest"])
-            elif a["status"] == "at_cap":
-                ax.scatter([x], [a["longest"]], marker="^", color=color, zorder=3)
-                xs.append(x)
-                ys.append(a["longest"])
+            elif a["status"] == "at_cap":  # a lower bound: a marker, not a point of the line
+                ax.scatter([x], [a["longest"]], marker="^", s=60, color=color, zorder=3)
             elif a["status"] == "oom":
                 ax.scatter([x], [0], marker="x", color=color, zorder=3)
         ax.plot(xs, ys, "o-", color=color, label=f"{r['row']} (measured)")
@@ -185,7 +183,8 @@ def chart(data: dict[str, Any], path: Path, title: str) -> Path:
             ax.plot(px, py, "--", color=color, alpha=0.5, label=f"{r['row']} (model prediction)")
     ax.set_xlabel("VRAM budget (GiB)")
     ax.set_ylabel("longest trainable context (tokens)")
-    ax.set_title(title + "\n(x: OOM at the shortest length; ^: the search's cap fitted)", fontsize=10)
+    ax.set_title(title + "\n(x: OOM at the shortest length; ^: the search's cap fitted, the longest is at least "
+                 "that)", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

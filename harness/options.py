@@ -66,8 +66,8 @@ OPTIONS: tuple[Opt, ...] = (
         kind="int"),
     Opt("prior", "fit: run folders whose records seed the memory model's first guesses (never counted as "
                  "measurements), comma list"),
-    Opt("time-limit", "fit: start no new search cell after this many seconds (unfinished answers are reported as "
-                      "such)", kind="float"),
+    Opt("time-limit", "fit: start no new search cell once this process has run this many seconds (unfinished "
+                      "answers are reported as not measured)", kind="float"),
 )
 
 

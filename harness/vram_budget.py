@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.budget import (GIB, INITIAL_RESERVE_BYTES, REMEASURED_SLACK_BYTES, allocator_limit_bytes,
+from harness.budget import (GIB, REMEASURED_SLACK_BYTES, allocator_limit_bytes,
                             budget_label)
 from harness.result import Status
 

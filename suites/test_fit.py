@@ -54,7 +54,7 @@ def fit_search(lora_harness):
     sweep.total = 0  # a search does not know its cell count in advance
     search = fitrun.FitSearch(settings, measure=lambda c: fitrun.measure_with_reuse(sweep, c),
                               records=sweep.open_store().records(), prior=fitrun.load_prior(settings.prior_dirs),
-                              out=lora_harness._out)
+                              out=lora_harness._out, started_at=fitrun.process_started_at())
     search.title = fitreport_title(lora_harness)
     yield search
     if search.answers:

@@ -12,9 +12,9 @@ import pytest
 
 from harness import claims as C
 from harness import claimsrun, fitrun
-from harness.budget import GIB, MIB
+from harness.budget import GIB
 from harness.spec import CellSpec
-from tests.test_fit import Oracle
+from tests.fakes import FakeHost
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,23 +57,6 @@ def test_extends_and_table():
     md = C.markdown(vs, "claims")
     assert "**REFUTED**" in md and "skipped" in md and "1 refuted, 1 skipped" in md
     assert json.loads(C.to_json(vs))[0]["verdict"] == "refuted"
-
-
-class FakeHost(Oracle):
-    """A GPU host by numbers: per (precision, checkpointing) live bytes = fixed + per_token * L."""
-
-    SHAPES = {("bf16", "off"): (15.5 * GIB, 8 * MIB), ("bf16", "on"): (15.5 * GIB, 1.75 * MIB),
-              ("bf16", "offload"): (15.5 * GIB, 1.5 * MIB), ("int8", "offload"): (9 * GIB, 1.5 * MIB)}
-    CMP = {"fp32": (40 * GIB, 900.0), "bf16": (21 * GIB, 5800.0), "int8": (19 * GIB, 2500.0), "nf4": (12 * GIB, 4500.0)}
-
-    def record(self, cell, budget=None):
-        if cell.vram_budget_bytes is None:  # a comparison cell
-            peak, tps = self.CMP[cell.precision]
-            return {"cell_id": cell.cell_id, "spec": cell.to_dict(), "seq_len": cell.seq_len, "status": "ok",
-                    "peak_vram_bytes": peak, "torch_peak_allocated_bytes": peak - GIB, "tokens_per_s": tps,
-                    "losses": [11.8, 11.6 + (0.0 if cell.precision in ("fp32", "bf16") else 0.1)], "wall_time_s": 1.0}
-        self.fixed, self.per_token = self.SHAPES[(cell.precision, cell.grad_ckpt)]
-        return super().record(cell, budget)
 
 
 def test_gpu_claims_logic_with_a_fake_host():

@@ -7,50 +7,11 @@ import pytest
 
 from harness import fit as F
 from harness import fitreport, fitrun
-from harness.budget import GIB, MIB, REMEASURED_SLACK_BYTES, allocator_limit_bytes
+from harness.budget import GIB, MIB
 from harness.spec import CellSpec
+from tests.fakes import Oracle
 
-BASE, CTX, OUTSIDE = int(0.6 * GIB), int(0.5 * GIB), int(0.8 * GIB)
 ROW = CellSpec("llama-3.1-8b", "nf4", 2, "on", warmup_steps=1, steps=1)
-
-
-class Oracle:
-    """A cell needs fixed + per_token * L live bytes plus ``frag`` at the cap; it fits when
-    that is within the allocator limit its budget gives (the worker's formula)."""
-
-    def __init__(self, fixed=6 * GIB, per_token=2 * MIB, frag=F.DEFAULT_FRAGMENTATION_BYTES):
-        self.fixed, self.per_token, self.frag = fixed, per_token, frag
-        self.calls = []
-
-    def limit(self, budget):
-        return allocator_limit_bytes(budget, baseline_bytes=BASE, non_allocator_bytes=OUTSIDE,
-                                     reserve_bytes=REMEASURED_SLACK_BYTES)
-
-    def need(self, L):
-        return self.fixed + self.per_token * L + self.frag
-
-    def threshold(self, budget, grid):
-        ok = [L for L in range(grid.lo, grid.hi + 1, grid.granularity) if self.need(L) <= self.limit(budget)]
-        return max(ok) if ok else None
-
-    def record(self, cell, budget=None):
-        budget = cell.vram_budget_bytes if budget is None else budget
-        alloc = self.fixed + self.per_token * cell.seq_len
-        fits = budget is None or self.need(cell.seq_len) <= self.limit(budget)
-        return {"cell_id": cell.cell_id, "spec": cell.to_dict(), "seq_len": cell.seq_len, "batch_size": 1,
-                "status": "ok" if fits else "oom", "error": None if fits else "CUDA out of memory",
-                "torch_peak_allocated_bytes": alloc if fits else None,
-                "torch_peak_reserved_bytes": alloc + self.frag if fits else None,
-                "peak_vram_bytes": BASE + OUTSIDE + alloc + self.frag if fits else None,
-                "baseline_vram_bytes": BASE, "cuda_context_bytes": CTX, "non_allocator_peak_bytes": OUTSIDE,
-                "allocator_limit_bytes": None if budget is None else self.limit(budget), "wall_time_s": 2.0,
-                "nvml_peak_within_budget": None if (budget is None or not fits)
-                else BASE + OUTSIDE + alloc + self.frag <= budget,
-                "timestamp": str(len(self.calls))}
-
-    def __call__(self, cell):
-        self.calls.append(cell)
-        return self.record(cell)
 
 
 def search(oracle, budgets, *, records=(), prior=(), gran=256, max_len=65536, **kw):
