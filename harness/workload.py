@@ -133,6 +133,13 @@ def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None) -> d
         import torch
         from harness.trackers.memory import MemorySampler, nvml_index_for_visible_device
 
+        if opts.get("device", "auto") != "cpu":
+            # issue 5: no cell pays for writing the synthetic checkpoint (a bf16 model on the
+            # device): under a budget it would not fit, without one it inflates the peaks
+            from harness.vram_budget import prepare_checkpoint
+
+            if prepare_checkpoint(spec, opts):
+                out["checkpoint_written_before_cell"] = True
         # NVML's baseline is read before this process initialises CUDA.
         want_cuda = opts.get("device", "auto") != "cpu"
         sampler = MemorySampler(use_nvml=want_cuda, period_s=float(opts.get("nvml_period_s", 0.005)),

@@ -144,3 +144,13 @@ def test_pytest_budget_error_is_a_usage_error(tmp_path):
              str(tmp_path / "r"), module="pytest")
     assert p.returncode == 4 and "needs a CUDA device" in p.stderr + p.stdout
     assert not (tmp_path / "r" / "results.jsonl").exists()
+
+
+def test_checkpoint_preparation_is_only_for_budget_cells_that_load_one(tmp_path):
+    from harness.vram_budget import prepare_checkpoint
+
+    opts = {"cache_dir": str(tmp_path)}
+    assert prepare_checkpoint(CellSpec("tiny-llama", "bf16", 16, vram_budget_bytes=GIB), opts) is False  # built from config
+    # a quantised cell loads the synthetic checkpoint; without CUDA nothing is written here
+    assert prepare_checkpoint(CellSpec("tiny-llama", "nf4", 16, vram_budget_bytes=GIB), opts) is False
+    assert not any(tmp_path.iterdir())

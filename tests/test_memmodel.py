@@ -67,8 +67,9 @@ def _reference_rows():
 
 def test_reference_h200_fit_on_512_and_2048_predicts_8192():
     """27 real H200 cells (Llama-3.1-8B shape): live tensors are linear in the length to
-    within 1% for every precision x checkpointing row; NVML peaks within 4% except int8,
-    whose allocator cache does not follow the length (-20% gc-off, +31% gc-offload)."""
+    within 1% for every precision x checkpointing row; NVML peaks within 4% except int8:
+    gc-off's 512-token cell carried the checkpoint write in its cache (-20%), and
+    gc-offload's cache does not follow the length (+31%)."""
     rows = _reference_rows()
     assert len(rows) == 9
     for (prec, gc), recs in rows.items():
