@@ -90,3 +90,25 @@ def test_the_closing_summary(job):
     assert summary.returncode == 0, summary.stderr
     assert "h200-fit:" in summary.stdout and "fit-search probes" in summary.stdout
     assert "fit search:" in summary.stdout and "4.8 min" in summary.stdout
+
+
+def test_the_fit_command_line_on_the_fake_h200(tmp_path):
+    """``lora-harness fit`` (not only the suite) through the same fake host: it searches,
+    prints the table, writes the report, and a second call reuses every record."""
+    code = ("import sys, tests.fake_gpu; from harness.cli import main; sys.exit(main(sys.argv[1:]))")
+    args = ["fit", "--precision", "nf4", "--grad-ckpt", "on", "--budgets", "16,24", "--max-seq-len", "8192",
+            "--run-dir", str(tmp_path / "run")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    first = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300, env=env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    host = FakeHost()
+    host.fixed, host.per_token = FakeHost.SHAPES[("nf4", "on")]
+    want = host.threshold(16 * GIB, F.Grid(256, 8192))
+    assert f"nf4 gc-on @ 16 GiB -> {want:,}" in first.stdout and "Longest trainable context" in first.stdout
+    assert (tmp_path / "run" / "fit.md").is_file() and (tmp_path / "run" / "fit.png").is_file()
+    n = len((tmp_path / "run" / "results.jsonl").read_text().splitlines())
+    second = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert second.returncode == 0 and "search: 0 cells run" in second.stdout, second.stdout[-2000:]
+    assert len((tmp_path / "run" / "results.jsonl").read_text().splitlines()) == n
