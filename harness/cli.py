@@ -7,6 +7,7 @@ pytest plugin uses. User errors end in one line on stderr and exit code 2.
     lora-harness show RUN_DIR      the summary table of a run folder
     lora-harness report RUN_DIR... charts, report.md and report.html (harness.cli_report)
     lora-harness compare BASE CUR  regression check against a baseline (harness.cli_report)
+    lora-harness fit [options]     longest trainable context per VRAM budget (harness.fitcli)
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ def parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="summary table of a run folder")
     show.add_argument("run_dir")
     cli_report.add_commands(sub)  # issue 3: report, compare (each sets its handler)
+    # issue 5: fit
+    fit = sub.add_parser("fit", help="longest trainable context per VRAM budget, by real cells under emulated budgets")
+    _add_sweep_options(fit)
+    fit.add_argument("--dry-run", action="store_true",
+                     help="print the memory model's predictions (from --prior and the run folder); run nothing")
     return p
 
 
@@ -166,11 +172,22 @@ def cmd_show(ns) -> int:
     return 0
 
 
+def cmd_fit(ns) -> int:  # issue 5: fit
+    from harness.fitcli import FitUsageError, cmd_fit as run_fit
+
+    try:
+        return run_fit(vars(ns), env_mod.quick_facts(), dry_run=ns.dry_run,
+                       command="lora-harness " + " ".join(sys.argv[1:]))
+    except FitUsageError as exc:
+        raise CliError(str(exc)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = parser().parse_args(argv)
     try:
         handler = getattr(ns, "handler", None) or {"run": cmd_run, "cells": cmd_cells, "env": cmd_env,
-                                                   "show": cmd_show}[ns.command]
+                                                   "show": cmd_show,
+                                                   "fit": cmd_fit}[ns.command]
         return handler(ns)
     except (SpecError, StoreError, CliError) as exc:
         print(f"lora-harness: error: {exc}", file=sys.stderr)

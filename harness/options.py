@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness.budget import apply_vram_budgets
 from harness.matrix import PRESETS, axes_for, expand, split_list
 from harness.models import resolve_model
 from harness.spec import CellSpec, LoraSpec, SpecError
@@ -64,6 +65,18 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("baseline-fail", "regression thresholds for --baseline, comma list of METRIC:+N%% or METRIC:-N%% (the sign "
                          "says which way is worse; default tokens_per_s:-5%%,peak_vram_bytes:+3%%); status changes "
                          "for the worse always regress"),
+    # issue 5: fit
+    Opt("vram-budget", "emulate GPUs of these memory sizes on the real one, comma list (24GiB, 24GB, 24000MiB; a bare "
+                       "number is GiB); each cell runs once per budget and its id ends in /vram<size>; needs a CUDA "
+                       "device"),
+    Opt("budgets", "fit: VRAM budgets to search, comma list (bare numbers are GiB), e.g. 8,12,16,24,40,48,80"),
+    Opt("granularity", "fit: sequence length step of the search in tokens (default 256)", kind="int"),
+    Opt("max-seq-len", "fit: longest sequence the search tries (default: the model's max_position_embeddings)",
+        kind="int"),
+    Opt("prior", "fit: run folders whose records seed the memory model's first guesses (never counted as "
+                 "measurements), comma list"),
+    Opt("time-limit", "fit: start no new search cell once this process has run this many seconds (unfinished "
+                      "answers are reported as not measured)", kind="float"),
 )
 
 
@@ -102,6 +115,7 @@ def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
     fixed = {k: v[n] for k, n in (("warmup_steps", "warmup-steps"), ("lr", "lr"), ("optimizer", "optimizer"),
                                   ("load", "load"), ("seed", "seed")) if v[n] is not None}
     cells = expand(axes, model_paths={r.name: r.path for r in refs}, lora=LoraSpec(**lora_kw), **fixed)
+    cells = apply_vram_budgets(cells, v["vram-budget"], facts, gpu)  # issue 5: fit
     timeout = v["cell-timeout"] if v["cell-timeout"] is not None else (900.0 if gpu else 300.0)
     if timeout <= 0:
         raise SpecError("--cell-timeout must be positive")

@@ -86,6 +86,9 @@ class CellSpec:
     # Extra id component, set by the matrix when an axis that is normally constant over a
     # sweep (for example the step count) varies, so ids stay unique.
     tag: str = ""
+    # issue 5: emulate a GPU with this much memory (bytes; None: the whole device). Part
+    # of the id, so cells at different budgets are different cells (runs, --resume).
+    vram_budget_bytes: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", normalize_precision(self.precision))
@@ -102,12 +105,15 @@ class CellSpec:
             raise SpecError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
         if self.load not in LOAD_MODES:
             raise SpecError(f"unknown load mode {self.load!r}; choose from {', '.join(LOAD_MODES)}")
+        if self.vram_budget_bytes is not None and self.vram_budget_bytes <= 0:
+            raise SpecError(f"a VRAM budget must be positive, got {self.vram_budget_bytes}")
         if not self.model or "/" in self.model:
             raise SpecError(f"model name must be a preset name or a checkpoint's short name, got {self.model!r}")
 
     @property
     def cell_id(self) -> str:
-        """Readable, stable id, e.g. ``llama-3.1-8b/nf4/s2048/gc-on``.
+        """Readable, stable id, e.g. ``llama-3.1-8b/nf4/s2048/gc-on`` (``.../vram24GiB`` under a
+        VRAM budget).
 
         Settings that are constant across a sweep (LoRA rank, steps, optimizer) are not
         in the id; batch size and a forced load path are, when not the default.
@@ -117,6 +123,10 @@ class CellSpec:
             parts.append(f"b{self.batch_size}")
         if self.load != "auto":
             parts.append(f"load-{self.load}")
+        if self.vram_budget_bytes is not None:
+            from harness.budget import budget_label
+
+            parts.append(f"vram{budget_label(self.vram_budget_bytes)}")
         if self.tag:
             parts.append(self.tag)
         return "/".join(parts)

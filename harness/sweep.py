@@ -135,9 +135,12 @@ class Sweep:
         total_elapsed = time.monotonic() - self._t0
         remaining = max(0, self.total - self._index)
         eta = (self._ran_time / self._ran) * remaining if self._ran else None
+        if self.total <= 0:  # issue 5: a search does not know its cell count in advance
+            eta = None
+        pos = f"{self._index}/{self.total}" if self.total > 0 else f"{self._index}"
         what = "resumed" if resumed else f"{fmt_duration(elapsed)}"
         tps = fmt_rate(rec.get("tokens_per_s")) if rec.get("status") == "ok" else "-"
-        line = (f"[{self._index}/{self.total}] {rec['cell_id']}: {status_text(rec)}, peak {fmt_gib(mem)} {kind}, "
+        line = (f"[{pos}] {rec['cell_id']}: {status_text(rec)}, peak {fmt_gib(mem)} {kind}, "
                 f"{tps} tokens/s ({what}; elapsed {fmt_duration(total_elapsed)}, ETA {fmt_duration(eta)})")
         if rec.get("status") not in ("ok", "oom") and rec.get("error"):
             line += f"\n    {str(rec['error']).splitlines()[0][:300]}"

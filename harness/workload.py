@@ -27,6 +27,7 @@ from harness.precision import (PrecisionProofError, compute_dtype_name, count_la
                                load_kwargs, verify_layers)
 from harness.result import Status, is_oom_message
 from harness.spec import CellSpec
+from harness.vram_budget import BudgetUnusable
 
 
 class Unsupported(RuntimeError):
@@ -127,10 +128,18 @@ def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None) -> d
                    grad_ckpt_evidence=None)
     sampler = None
     device = None
+    guard = None  # issue 5: VRAM budget emulation (harness.vram_budget)
     try:
         import torch
         from harness.trackers.memory import MemorySampler, nvml_index_for_visible_device
 
+        if opts.get("device", "auto") != "cpu":
+            # issue 5: no cell pays for writing the synthetic checkpoint (a bf16 model on the
+            # device): under a budget it would not fit, without one it inflates the peaks
+            from harness.vram_budget import prepare_checkpoint
+
+            if prepare_checkpoint(spec, opts):
+                out["checkpoint_written_before_cell"] = True
         # NVML's baseline is read before this process initialises CUDA.
         want_cuda = opts.get("device", "auto") != "cpu"
         sampler = MemorySampler(use_nvml=want_cuda, period_s=float(opts.get("nvml_period_s", 0.005)),
@@ -145,9 +154,17 @@ def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None) -> d
         out["device"] = device.type
         out["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         out["memory_metric"] = "vram" if device.type == "cuda" else "rss"
-        _run(spec, opts, device, sampler, out)
+        if device.type == "cuda":  # before the model is built: measure the context, cap the allocator
+            from harness.vram_budget import BudgetGuard
+
+            guard = BudgetGuard(spec.vram_budget_bytes, device, sampler.baseline_vram_bytes,
+                                nvml_index_for_visible_device(0))
+            guard.start()
+        elif spec.vram_budget_bytes is not None:
+            raise Unsupported("a VRAM budget needs a CUDA device; this cell runs on the CPU")
+        _run(spec, opts, device, sampler, out, guard)
         out["status"] = Status.OK.value
-    except Unsupported as exc:
+    except (Unsupported, BudgetUnusable) as exc:
         out["status"] = Status.UNSUPPORTED.value
         out["error"] = str(exc)
     except (PrecisionProofError, CheckpointProofError) as exc:
@@ -177,12 +194,14 @@ def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None) -> d
                 out.update(torch_memory_stats(device))
             except Exception:
                 pass
+        if guard is not None:
+            guard.finish(out)
         _finish(spec, out)
     return dict(out)
 
 
 
-def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial) -> None:
+def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, guard=None) -> None:
     import contextlib
 
     import numpy as np
@@ -279,6 +298,8 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial) -
             skipped += 1  # the scaler found inf/nan gradients and skipped this step
         opt.zero_grad(set_to_none=True)
         dt = timer.stop()
+        if guard is not None:  # outside the timed region
+            guard.after_step()
         lv = float(loss.detach().float().item())
         out["losses"].append(lv)
         _log(f"step {i + 1}/{n_total}{' (warm-up)' if i < spec.warmup_steps else ''}: loss {lv:.4f}, {dt * 1000:.1f} ms")

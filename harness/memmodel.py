@@ -1,0 +1,176 @@
+"""A memory model: peak memory as a function of sequence length and batch size, fitted
+by least squares to measured cells of one model x precision x checkpointing mode.
+Pure module (numpy, no torch).
+
+    peak_bytes = fixed_bytes + per_token_bytes * (batch * seq_len)
+                 [+ per_token_sq_bytes * batch * seq_len ** 2]
+
+``fixed_bytes`` holds what does not grow with the tokens: base weights, LoRA weights,
+their gradients and optimizer state, workspaces. ``per_token_bytes`` is the activation
+memory per token the backward pass needs (hidden states kept or offloaded, the
+recomputed layer's intermediates, and the logits, which for a 128k vocabulary dominate).
+The quadratic term is added only when the attention implementation materialises the
+``seq_len x seq_len`` score matrix (``eager``); SDPA's flash and memory-efficient kernels
+are linear in the length, and on the H200 reference data a linear fit on 512 and 2048
+tokens predicts 8192 tokens within 2% (tests/test_memmodel.py).
+
+The metric is a record field: ``torch_peak_allocated_bytes`` (live tensors: exact and
+the same under any budget, so every cell of a row can be used) or ``peak_vram_bytes``
+(NVML, what a user sees; only cells without a budget, since a budget squeezes the
+allocator's cache).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+QUADRATIC_ATTENTION = ("eager",)
+
+
+@dataclass(frozen=True)
+class Point:
+    seq_len: int
+    batch_size: int
+    peak_bytes: int
+    cell_id: str = ""
+
+    @property
+    def tokens(self) -> int:
+        return self.seq_len * self.batch_size
+
+
+@dataclass(frozen=True)
+class MemModel:
+    metric: str
+    fixed_bytes: float
+    per_token_bytes: float
+    per_token_sq_bytes: float = 0.0
+    n_points: int = 0
+    max_residual_bytes: float = 0.0
+    cells: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def quadratic(self) -> bool:
+        return self.per_token_sq_bytes != 0.0
+
+    def predict(self, seq_len: int, batch_size: int = 1) -> float:
+        """Predicted peak (bytes) of a cell with this length and batch: a prediction."""
+        t = seq_len * batch_size
+        return self.fixed_bytes + self.per_token_bytes * t + self.per_token_sq_bytes * batch_size * seq_len ** 2
+
+    def longest_within(self, bytes_available: float, *, batch_size: int = 1, granularity: int = 1,
+                       max_seq_len: int | None = None) -> int:
+        """Longest length (a multiple of ``granularity``) whose prediction fits; 0 if none."""
+        if self.predict(granularity, batch_size) > bytes_available:
+            return 0
+        a = self.per_token_sq_bytes * batch_size
+        b = self.per_token_bytes * batch_size
+        c = self.fixed_bytes - bytes_available
+        if a > 0:
+            x = (-b + math.sqrt(max(0.0, b * b - 4 * a * c))) / (2 * a)
+        elif b > 0:
+            x = -c / b
+        else:  # memory does not grow with the length
+            x = float(max_seq_len or 10 ** 9)
+        n = int(x // granularity) * granularity
+        while n > granularity and self.predict(n, batch_size) > bytes_available:  # float edge
+            n -= granularity
+        if max_seq_len is not None:
+            n = min(n, (max_seq_len // granularity) * granularity)
+        return max(n, granularity)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "fixed_bytes": self.fixed_bytes, "per_token_bytes": self.per_token_bytes,
+                "per_token_sq_bytes": self.per_token_sq_bytes, "n_points": self.n_points,
+                "max_residual_bytes": self.max_residual_bytes, "cells": list(self.cells)}
+
+
+class ModelError(ValueError):
+    """Too few (or degenerate) points to fit."""
+
+
+def fit(points: Iterable[Point], *, metric: str, quadratic: bool = False) -> MemModel:
+    """Least-squares fit. Needs two distinct token counts (three for the quadratic form)."""
+    pts = list(points)
+    distinct = len({(p.tokens, p.batch_size * p.seq_len ** 2) for p in pts})
+    need = 3 if quadratic else 2
+    if distinct < need:
+        raise ModelError(f"{metric}: {distinct} distinct cell shapes, {need} needed to fit "
+                         f"{'a quadratic' if quadratic else 'a linear'} model")
+    t = np.array([p.tokens for p in pts], dtype=float)
+    cols = [np.ones_like(t), t]
+    if quadratic:
+        cols.append(np.array([p.batch_size * float(p.seq_len) ** 2 for p in pts]))
+    a = np.stack(cols, axis=1)
+    y = np.array([p.peak_bytes for p in pts], dtype=float)
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    resid = y - a @ coef
+    return MemModel(metric=metric, fixed_bytes=float(coef[0]), per_token_bytes=float(coef[1]),
+                    per_token_sq_bytes=float(coef[2]) if quadratic else 0.0, n_points=len(pts),
+                    max_residual_bytes=float(np.max(np.abs(resid))) if len(pts) else 0.0,
+                    cells=tuple(p.cell_id for p in pts))
+
+
+def wants_quadratic(attn_implementation: str) -> bool:
+    return attn_implementation in QUADRATIC_ATTENTION
+
+
+def points_from_records(records: Iterable[dict[str, Any]], metric: str) -> list[Point]:
+    """Points from ok records that have the metric; NVML points only from cells without a
+    budget (a budget squeezes the cache, so their NVML peak is not the unconstrained one)."""
+    out = []
+    for r in records:
+        v = r.get(metric)
+        if r.get("status") != "ok" or v is None:
+            continue
+        if metric == "peak_vram_bytes" and (r.get("spec") or {}).get("vram_budget_bytes") is not None:
+            continue
+        out.append(Point(int(r["seq_len"]), int(r.get("batch_size") or 1), int(v), str(r.get("cell_id", ""))))
+    return out
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """Prediction error on cells left out of the fit (a measured error, of predictions)."""
+
+    cell_id: str
+    seq_len: int
+    measured_bytes: int
+    predicted_bytes: float
+
+    @property
+    def rel_error(self) -> float:
+        return (self.predicted_bytes - self.measured_bytes) / self.measured_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cell_id": self.cell_id, "seq_len": self.seq_len, "measured_bytes": self.measured_bytes,
+                "predicted_bytes": self.predicted_bytes, "rel_error": self.rel_error}
+
+
+def holdout_longest(points: list[Point], *, metric: str, quadratic: bool = False) -> Holdout | None:
+    """Fit on every point but the longest, predict the longest (extrapolation, the hard case)."""
+    pts = sorted(points, key=lambda p: (p.tokens, p.seq_len))
+    if not pts:
+        return None
+    last = pts[-1]
+    try:
+        m = fit([p for p in pts if p.tokens < last.tokens], metric=metric, quadratic=quadratic)
+    except ModelError:
+        return None
+    return Holdout(last.cell_id, last.seq_len, last.peak_bytes, m.predict(last.seq_len, last.batch_size))
+
+
+def leave_one_out(points: list[Point], *, metric: str, quadratic: bool = False) -> list[Holdout]:
+    """Each point predicted by a model fitted on the others (where the others suffice)."""
+    out = []
+    for i, p in enumerate(points):
+        try:
+            m = fit(points[:i] + points[i + 1:], metric=metric, quadratic=quadratic)
+        except ModelError:
+            continue
+        out.append(Holdout(p.cell_id, p.seq_len, p.peak_bytes, m.predict(p.seq_len, p.batch_size)))
+    return out

@@ -1,0 +1,110 @@
+"""The seed's claims (../shared/SEED.md), each a test that measures what it needs and
+passes when the claim holds on this host, or fails with the numbers that refute it
+(``harness.claims`` for the criteria, ``harness.claimsrun`` for the cells). Claims about
+VRAM are skipped on a host without a GPU, with that reason. The run folder gets
+``claims.md`` and ``claims.json``: claim, verdict, the numbers.
+
+Cells are reused: records already in the run folder (the fit suite's, a matrix run's)
+decide what they can before any new cell runs. The suite runs when asked for (this file
+on the command line, or ``-m claims``); ``pytest suites/`` skips it.
+
+    pytest suites/test_fit.py suites/test_claims.py --budgets 16,24,40,80 --run-dir reports/runs/x
+"""
+
+from pathlib import Path
+
+import pytest
+
+from harness import claims, claimsrun, fitrun
+from harness.claims import CLAIMS
+from harness.fitcli import title_for
+
+
+def _asked_for(config) -> bool:
+    """The claims run when asked for: this file named on the command line, or ``-m claims``.
+    ``pytest suites/`` (the matrix job) leaves them out: their cells cost minutes on a GPU,
+    and their outcomes are findings about the seed, not the health of a sweep."""
+    named = any("test_claims.py" in str(a) for a in config.args)
+    return named or "claims" in (config.getoption("markexpr") or "")
+
+
+@pytest.fixture(scope="module")
+def claims_ctx(lora_harness):
+    if not _asked_for(lora_harness.pyconfig):
+        pytest.skip("the claims suite runs when asked for: pytest suites/test_claims.py (or -m claims)")
+    cfg, facts = lora_harness.cfg, lora_harness.facts
+    gran = lora_harness.pyconfig.getoption("lh_granularity")
+    gran = 256 if gran is None else gran
+    max_len = lora_harness.pyconfig.getoption("lh_max_seq_len")
+    prior = tuple(p for p in (lora_harness.pyconfig.getoption("lh_prior") or "").split(",") if p.strip())
+    settings = fitrun.FitSettings((claimsrun.BUDGET_BYTES,), int(gran), max_len, None, prior)
+    sweep = lora_harness.get_sweep()
+    sweep.total = 0
+    search = fitrun.FitSearch(settings, measure=lambda c: fitrun.measure_with_reuse(sweep, c),
+                              records=sweep.open_store().records(), prior=fitrun.load_prior(prior),
+                              out=lora_harness._out)
+    gpus = facts.get("gpus") or []
+    ctx = claimsrun.ClaimsContext(template=cfg.cells[0].replace(tag="", vram_budget_bytes=None), measure=search.measure,
+                                  search=search, use_gpu=bool(facts.get("has_gpu")) and cfg.device != "cpu",
+                                  device_total_bytes=gpus[0].get("memory_total_bytes") if gpus else None)
+    ctx.run_dir = Path(sweep.store.dir)
+    ctx.title = "The seed's claims, measured: " + title_for(cfg.cells).replace("Will it fit? ", "")
+    yield ctx
+    if ctx.verdicts:
+        _write(ctx)
+        lora_harness._out("")
+        lora_harness._out("claims (../shared/SEED.md), measured on this host:")
+        for row in claims.table_rows(ctx.verdicts):
+            lora_harness._out(f"  {row[1].replace('*', ''):13s} {row[0]}: {row[2]}")
+        lora_harness._out(f"claims.md / claims.json in {ctx.run_dir}")
+
+
+def _write(ctx):
+    (ctx.run_dir / "claims.md").write_text(claims.markdown(ctx.verdicts, ctx.title))
+    (ctx.run_dir / "claims.json").write_text(claims.to_json(ctx.verdicts))
+
+
+def _conclude(ctx, v):
+    """Record the verdict, then the test's outcome: holds passes, skipped skips, anything
+    else fails with the numbers."""
+    ctx.verdicts.append(v)
+    _write(ctx)
+    if v.verdict == claims.HOLDS:
+        return
+    if v.verdict == claims.SKIPPED:
+        pytest.skip(v.summary)
+    pytest.fail(f"{v.verdict.upper()}: {CLAIMS[v.claim].text}"
+                f"{' [' + v.variant + ']' if v.variant else ''}: {v.summary}", pytrace=False)
+
+
+@pytest.mark.claims
+def test_16bit_vram_between_fp32_and_8bit(claims_ctx):
+    _conclude(claims_ctx, claimsrun.claim_vram_between(claims_ctx))
+
+
+@pytest.mark.claims
+def test_16bit_faster_than_quantised(claims_ctx):
+    _conclude(claims_ctx, claimsrun.claim_faster(claims_ctx))
+
+
+@pytest.mark.claims
+def test_16bit_more_stable(claims_ctx):
+    _conclude(claims_ctx, claimsrun.claim_more_stable(claims_ctx))
+
+
+@pytest.mark.claims
+@pytest.mark.parametrize("grad_ckpt", ["off", "offload"])
+def test_16bit_fits_2048_tokens_in_24gb(claims_ctx, grad_ckpt):
+    _conclude(claims_ctx, claimsrun.claim_fits_2048(claims_ctx, grad_ckpt))
+
+
+@pytest.mark.claims
+@pytest.mark.parametrize("grad_ckpt", ["on", "offload"])
+def test_checkpointing_extends_length(claims_ctx, grad_ckpt):
+    _conclude(claims_ctx, claimsrun.claim_ckpt_extends(claims_ctx, grad_ckpt))
+
+
+@pytest.mark.claims
+def test_8bit_extends_length_further(claims_ctx):
+    _conclude(claims_ctx, claimsrun.claim_8bit_extends(claims_ctx))
+
