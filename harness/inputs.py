@@ -111,10 +111,10 @@ def vision_flops(model, tower: str | None, info: dict[str, Any], batch_size: int
 
     out = {"vision_matmul_params": 0, "vision_lora_matmul_params": 0, "vision_flops_per_step": 0.0}
     patches = int(info.get("vision_patches") or 0)
-    if not tower or not patches:
+    if not tower:
         return out
     in_block = {id(m) for layer in checkpointed_layers for m in layer.modules()}
-    tokens = int(info["image_tokens"])
+    tokens = int(info.get("image_tokens") or 0)
     frozen_fwd = lora_fwd = 0.0
     for name, mod in model.named_modules():
         if not isinstance(mod, torch.nn.Linear) or not _under(name, tower):

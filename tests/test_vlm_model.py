@@ -36,6 +36,13 @@ def test_placeholders_match_what_the_vision_tower_emits(tiny):
     assert torch.isfinite(out.loss) and out.logits.shape[:2] == (2, 80)
 
 
+def test_a_vlm_cell_without_images_is_all_text(tiny):
+    batch, info = _batch(tiny, image_count=0)
+    assert "pixel_values" not in batch and (info["image_tokens"], info["text_tokens"]) == (0, 80)
+    assert (batch["position_ids"] == torch.arange(80)).all()
+    assert torch.isfinite(tiny(**batch).loss)
+
+
 def test_pixel_rows_are_what_the_conv3d_patch_embedding_sees(tiny):
     """The patch embedding applied to our rows equals the Conv3d applied to the image
     (both frames of the temporal patch), patch by patch, in merge-window order."""
