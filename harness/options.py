@@ -11,7 +11,7 @@ from typing import Any
 
 from harness.budget import apply_vram_budgets
 from harness.matrix import PRESETS, axes_for, expand, split_list
-from harness.models import resolve_model
+from harness.models import check_cell, resolve_model
 from harness.spec import CellSpec, LoraSpec, SpecError
 
 GPU_DEFAULT_MODEL = "llama-3.1-8b"
@@ -77,6 +77,13 @@ OPTIONS: tuple[Opt, ...] = (
                  "measurements), comma list"),
     Opt("time-limit", "fit: start no new search cell once this process has run this many seconds (unfinished "
                       "answers are reported as not measured)", kind="float"),
+    # issue 6: vlm
+    Opt("images", "vision-language models: images per sample (default: the model's; 1 for qwen2.5-vl-7b)",
+        kind="int"),
+    Opt("image-size", "vision-language models: edge of the square images in pixels, a multiple of patch x merge "
+                      "(28 for Qwen2.5-VL) (default: the model's; 448 for qwen2.5-vl-7b)", kind="int"),
+    Opt("lora-vision", "vision-language models: LoRA on the vision tower's linear layers too (default: the "
+                       "language model's only)", kind="flag"),
 )
 
 
@@ -114,8 +121,13 @@ def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
                                     ("target_modules", "lora-targets")) if v[n] is not None}
     fixed = {k: v[n] for k, n in (("warmup_steps", "warmup-steps"), ("lr", "lr"), ("optimizer", "optimizer"),
                                   ("load", "load"), ("seed", "seed")) if v[n] is not None}
+    # issue 6: vlm (image settings per cell; vision LoRA)
+    fixed.update({k: v[n] for k, n in (("image_count", "images"), ("image_size_px", "image-size")) if v[n] is not None})
+    if v["lora-vision"]:
+        lora_kw["include_vision"] = True
     cells = expand(axes, model_paths={r.name: r.path for r in refs}, lora=LoraSpec(**lora_kw), **fixed)
     cells = apply_vram_budgets(cells, v["vram-budget"], facts, gpu)  # issue 5: fit
+    cells = [check_cell(c) for c in cells]  # image settings against each model (issue 6)
     timeout = v["cell-timeout"] if v["cell-timeout"] is not None else (900.0 if gpu else 300.0)
     if timeout <= 0:
         raise SpecError("--cell-timeout must be positive")

@@ -132,6 +132,18 @@ def _dtype_name(dtype: Any) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _kept_by(name: str, skip_modules: tuple[str, ...]) -> str | None:
+    """The skip entry covering module ``name``: a module name (``lm_head``) or a dotted
+    path (``model.visual``) occurring as whole components anywhere in the name, so it
+    also matches under wrappers (``base_model.model.model.visual.blocks.0.attn.qkv``)."""
+    parts = name.split(".")
+    for s in skip_modules:
+        sp = s.split(".")
+        if any(parts[i:i + len(sp)] == sp for i in range(len(parts) - len(sp) + 1)):
+            return s
+    return None
+
+
 def count_layers(model: Any, skip_modules: tuple[str, ...] = DEFAULT_SKIP_MODULES, *,
                  quantized: bool = True) -> dict[str, Any]:
     """Count the model's linear layers by kind, looking at the modules themselves.
@@ -154,6 +166,7 @@ def count_layers(model: Any, skip_modules: tuple[str, ...] = DEFAULT_SKIP_MODULE
         "linear8bit": {"count": 0},
         "linear": {"count": 0, "dtypes": {}},
         "unexpected_plain": [],
+        "kept_unquantized": {},  # quantised modes: plain layers per skip_modules entry
         "lora_layers": 0,
         "lora_adapter_dtypes": {},
     }
@@ -185,8 +198,11 @@ def count_layers(model: Any, skip_modules: tuple[str, ...] = DEFAULT_SKIP_MODULE
         elif isinstance(mod, torch.nn.Linear):
             counts["linear"]["count"] += 1
             bump(counts["linear"]["dtypes"], _dtype_name(mod.weight.dtype))
-            if quantized and not any(s in clean.split(".") for s in skip_modules):
+            kept = _kept_by(clean, skip_modules)
+            if quantized and kept is None:
                 counts["unexpected_plain"].append(clean)
+            elif quantized:  # left in 16-bit on purpose: say where (e.g. a VLM's vision tower)
+                bump(counts["kept_unquantized"], kept)
     # Keep the record short: the first few names tell the story.
     n_unexpected = len(counts["unexpected_plain"])
     counts["unexpected_plain"] = counts["unexpected_plain"][:8]

@@ -33,6 +33,9 @@ RECORD_FIELDS: tuple[str, ...] = (
     "step_time_s", "tokens_per_s", "peak_vram_bytes", "peak_rss_bytes",
     "torch_peak_allocated_bytes", "torch_peak_reserved_bytes",
     "loaded_layers", "grad_ckpt_evidence", "losses", "mfu",
+    # issue 6: vlm. What the seq_len tokens were, per sequence (text_tokens + image_tokens
+    # = seq_len; a text model's are all text).
+    "text_tokens", "image_tokens",
 )
 
 _OOM_MARKERS = (

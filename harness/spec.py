@@ -53,6 +53,9 @@ class LoraSpec:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: str = "all-linear"
+    # Vision-language models: LoRA on the vision tower's linear layers too (by default
+    # only the language model's get adapters).
+    include_vision: bool = False
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -89,6 +92,10 @@ class CellSpec:
     # issue 5: emulate a GPU with this much memory (bytes; None: the whole device). Part
     # of the id, so cells at different budgets are different cells (runs, --resume).
     vram_budget_bytes: int | None = None
+    # Vision-language models: images per sample and their edge in pixels (square images);
+    # None is the model preset's default (one 448 x 448 image for qwen2.5-vl-7b).
+    image_count: int | None = None
+    image_size_px: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", normalize_precision(self.precision))
@@ -107,6 +114,10 @@ class CellSpec:
             raise SpecError(f"unknown load mode {self.load!r}; choose from {', '.join(LOAD_MODES)}")
         if self.vram_budget_bytes is not None and self.vram_budget_bytes <= 0:
             raise SpecError(f"a VRAM budget must be positive, got {self.vram_budget_bytes}")
+        if self.image_count is not None and self.image_count < 0:
+            raise SpecError(f"image count must be >= 0, got {self.image_count}")
+        if self.image_size_px is not None and self.image_size_px < 1:
+            raise SpecError(f"image size must be >= 1 pixel, got {self.image_size_px}")
         if not self.model or "/" in self.model:
             raise SpecError(f"model name must be a preset name or a checkpoint's short name, got {self.model!r}")
 
@@ -116,7 +127,8 @@ class CellSpec:
         VRAM budget).
 
         Settings that are constant across a sweep (LoRA rank, steps, optimizer) are not
-        in the id; batch size and a forced load path are, when not the default.
+        in the id; batch size, a forced load path, image count / size and vision LoRA are,
+        when not the default (e.g. ``qwen2.5-vl-7b/bf16/s2048/gc-on/img2/px224``).
         """
         parts = [self.model, self.precision, f"s{self.seq_len}", f"gc-{self.grad_ckpt}"]
         if self.batch_size != 1:
@@ -127,6 +139,12 @@ class CellSpec:
             from harness.budget import budget_label
 
             parts.append(f"vram{budget_label(self.vram_budget_bytes)}")
+        if self.image_count is not None:
+            parts.append(f"img{self.image_count}")
+        if self.image_size_px is not None:
+            parts.append(f"px{self.image_size_px}")
+        if self.lora.include_vision:
+            parts.append("lora-vision")
         if self.tag:
             parts.append(self.tag)
         return "/".join(parts)

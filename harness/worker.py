@@ -48,6 +48,7 @@ PRELOAD = (
     "transformers.models.llama.modeling_llama",
     "transformers.models.qwen2.modeling_qwen2",
     "transformers.models.mistral.modeling_mistral",
+    "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",  # issue 6: the VLM presets
     "harness.workload",
     "harness.env",
 )

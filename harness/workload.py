@@ -100,12 +100,15 @@ def _lora_target(spec: CellSpec):
     return t if t == "all-linear" else [s.strip() for s in t.split(",") if s.strip()]
 
 
-def _matmul_params(model) -> tuple[int, int]:
-    """(frozen, lora) matmul parameter counts, from layer shapes (quantised ones too)."""
+def _matmul_params(model, exclude: str | None = None) -> tuple[int, int]:
+    """(frozen, lora) matmul parameter counts, from layer shapes (quantised ones too);
+    modules under the dotted path ``exclude`` (a VLM's vision tower) are left out."""
     import torch
 
     frozen = lora = 0
     for name, mod in model.named_modules():
+        if exclude and f".{exclude}." in f".{name}.":
+            continue
         if isinstance(mod, torch.nn.Linear):
             n = int(mod.in_features) * int(mod.out_features)
             parts = name.split(".")
@@ -208,8 +211,8 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
     import peft
     import torch
 
-    from harness import checkpointing, data
-    from harness.models import get_preset, skip_modules
+    from harness import checkpointing, inputs
+    from harness.models import get_preset, lora_exclude, skip_modules, vision_tower
     from harness.models.build import load_model
     from harness.trackers.timing import StepTimer
 
@@ -237,7 +240,8 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
     out["phase"] = "prepare"
     evidence = checkpointing.apply(model, spec.grad_ckpt)
     lcfg = peft.LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-                           target_modules=_lora_target(spec), bias="none", task_type="CAUSAL_LM")
+                           target_modules=_lora_target(spec), bias="none", task_type="CAUSAL_LM",
+                           exclude_modules=lora_exclude(preset, spec.lora.include_vision))
     model = peft.get_peft_model(model, lcfg)
     # from_pretrained gave us an eval-mode model; transformers skips checkpointing in
     # eval mode. The evidence check below catches a loop that forgets this.
@@ -255,7 +259,7 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
         raise PrecisionProofError(f"trainable parameters other than LoRA: {[n for n in lora_names if 'lora_' not in n][:5]}")
     out["trainable_params"] = int(sum(p.numel() for p in trainable))
     out["total_params"] = int(sum(p.numel() for p in model.parameters()))
-    frozen_mm, lora_mm = _matmul_params(model)
+    frozen_mm, lora_mm = _matmul_params(model, exclude=vision_tower(preset))
     out["adapter_dtype"] = str(trainable[0].dtype).replace("torch.", "")
     opt = _make_optimizer(spec.optimizer, trainable, spec.lr)
     use_scaler = (mode.weight_dtype == "float16") or (mode.quant is not None and compute == "float16")
@@ -266,9 +270,10 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
     out["loss_scaling"] = bool(use_scaler)
 
     cfg = model.config
-    vocab = int(cfg.vocab_size)
     n_total = spec.warmup_steps + spec.steps
-    batches = [torch.from_numpy(b) for b in data.make_batches(vocab, spec.seq_len, spec.batch_size, n_total, spec.seed)]
+    # The batch builder follows the model's kind (text, or images + text for a VLM).
+    step_inputs = inputs.build(spec, cfg, preset, n_total)
+    out.update(step_inputs.info)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     timer = StepTimer(sync)
     if device.type == "cuda":
@@ -280,12 +285,12 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
     for i in range(n_total):
         if i == spec.warmup_steps:
             sampler.energy_start()
-        ids = batches[i].to(device, non_blocking=True)
+        batch = inputs.to_device(step_inputs.batches[i], device)
         timer.start()
         evidence.enter("forward")
         probe = evidence.probe_saved(device, model) if i == 0 else contextlib.nullcontext()
         with probe, autocast():
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(**batch).loss
         evidence.enter("backward")
         scaler.scale(loss).backward()
         evidence.leave()
@@ -324,11 +329,15 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
     if problems:
         raise CheckpointProofError(f"checkpointing proof failed for gc-{spec.grad_ckpt}: " + "; ".join(problems))
     # Performance figures, only for a cell that completed.
-    n_layers = len(evidence.layers)
-    heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
-    head_dim = int(getattr(cfg, "head_dim", 0) or (cfg.hidden_size // heads if heads else 0))
+    tcfg = inputs.text_config(cfg)  # a VLM's language model; the model itself for text models
+    n_layers = int(getattr(tcfg, "num_hidden_layers", 0) or len(evidence.layers))
+    heads = int(getattr(tcfg, "num_attention_heads", 0) or 0)
+    head_dim = int(getattr(tcfg, "head_dim", 0) or (tcfg.hidden_size // heads if heads else 0))
     fpt = flops_mod.train_flops_per_token(frozen_params=frozen_mm, lora_params=lora_mm, n_layers=n_layers,
                                           seq_len=spec.seq_len, attn_dim=heads * head_dim)
+    vis = inputs.vision_flops(model, vision_tower(preset), step_inputs.info, spec.batch_size, evidence.layers)
+    out.update(vis)
+    fpt += vis["vision_flops_per_step"] / spec.tokens_per_step
     out["flops_per_token"] = fpt
     out["frozen_matmul_params"] = frozen_mm
     out["lora_matmul_params"] = lora_mm

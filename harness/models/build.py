@@ -40,6 +40,13 @@ def make_config(preset: dict[str, Any]):
 
 
 def _model_class(config):
+    """The auto class for the model's kind: a config with a ``vision_config`` is a
+    vision-language model (Qwen2.5-VL: ``Qwen2_5_VLForConditionalGeneration``), whose
+    language-model head transformers maps under image-text-to-text, not causal LM."""
+    if getattr(config, "vision_config", None) is not None:
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM
@@ -91,9 +98,9 @@ def ensure_checkpoint(preset: dict[str, Any], *, device: str, cache_dir: str | N
 
 def load_pretrained(path: str | os.PathLike, *, load_kwargs: dict[str, Any], device: str, attn_implementation: str):
     """The real ``from_pretrained`` path (quantisation configs go through it)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    return AutoModelForCausalLM.from_pretrained(
+    return _model_class(AutoConfig.from_pretrained(str(path))).from_pretrained(
         str(path), device_map={"": device}, attn_implementation=attn_implementation, **load_kwargs
     )
 
