@@ -120,11 +120,15 @@ def _env_rows(env: dict[str, Any]) -> list[list[str]]:
                                            f"{d['memory_total_bytes'] / 2**30:.1f} GiB"])
     if not env.get("devices"):
         rows.append(["device", "CPU only (no CUDA device)"])
-    rows.append(["driver / CUDA", f"{env.get('driver_version')} / {env.get('torch_cuda_version')}"])
+    drv = env.get("driver_version")
+    rows.append(["NVIDIA driver", f"{drv} (supports CUDA {env.get('driver_cuda_version')})" if drv else "none"])
+    rows.append(["torch built for CUDA", env.get("torch_cuda_version") or "none (CPU-only build)"])
     rows.append(["NVML", "available" if env.get("nvml_available") else f"unavailable ({env.get('nvml_error')})"])
     rows.append(["bf16 supported", str(env.get("bf16_supported"))])
     bnb = env.get("bitsandbytes") or {}
     rows.append(["bitsandbytes backend", bnb.get("backend") or f"none ({bnb.get('error')})"])
+    if bnb.get("library"):
+        rows.append(["bitsandbytes library", bnb["library"]])
     for k, v in (env.get("packages") or {}).items():
         rows.append([k, str(v)])
     for k, v in (env.get("attention") or {}).items():
