@@ -5,6 +5,7 @@ pytest plugin uses. User errors end in one line on stderr and exit code 2.
     lora-harness cells [options]   list the cells the options select (nothing runs)
     lora-harness env [--json]      this host's fingerprint
     lora-harness show RUN_DIR      the summary table of a run folder
+    lora-harness tables RUN_DIR    the compatibility and stability tables of a run folder
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="JSON instead of a table")
     show = sub.add_parser("show", help="summary table of a run folder")
     show.add_argument("run_dir")
+    tables = sub.add_parser("tables", help="(re)write and print the compatibility and stability tables of a run folder")
+    tables.add_argument("run_dir")
     return p
 
 
@@ -149,10 +152,28 @@ def cmd_show(ns) -> int:
     return 0
 
 
+def cmd_tables(ns) -> int:
+    """issue 4: compat.md/.json and stability.md/.json from a run folder's records."""
+    from pathlib import Path
+
+    from harness.compat import write_suite_reports
+
+    d = Path(ns.run_dir)
+    if not (d / "results.jsonl").is_file():
+        raise CliError(f"{d} is not a run folder (no results.jsonl)")
+    written = write_suite_reports(d)
+    if not written:
+        raise CliError(f"{d} holds no compatibility or stability records (run suites/test_compat.py or "
+                       "suites/test_stability.py)")
+    print("\n".join(written))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "cells": cmd_cells, "env": cmd_env, "show": cmd_show}[ns.command](ns)
+        return {"run": cmd_run, "cells": cmd_cells, "env": cmd_env, "show": cmd_show,
+                "tables": cmd_tables}[ns.command](ns)
     except (SpecError, StoreError, CliError) as exc:
         print(f"lora-harness: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

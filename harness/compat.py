@@ -182,7 +182,20 @@ def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.2f} MiB"
 
 
-def markdown(rows: list[CompatRow], host: str = "") -> str:
+def loading_markdown(loading: dict[str, Any] | None) -> list[str]:
+    """The loading-correctness cases (harness.loading) as a markdown section."""
+    if not loading:
+        return []
+    out = ["## Loading by the seed's flags", ""]
+    if not loading.get("cases"):
+        return out + [f"Not run: {loading.get('status')}: {loading.get('error')}", ""]
+    out.append(f"Model {loading.get('model')} on {loading.get('device')}:")
+    out.append("")
+    out += [f"- {'ok' if c.get('ok') else '**FAILED**'}: {c['case']}: {c.get('detail')}" for c in loading["cases"]]
+    return out + [""]
+
+
+def markdown(rows: list[CompatRow], host: str = "", loading: dict[str, Any] | None = None) -> str:
     head = ["precision", "ckpt", "load", "device", "predicted", "outcome", "agrees", "layers loaded",
             "recomputed / forward", "offloaded", "saved act. (step 0)", "peak memory", "torch peak alloc.",
             "step"]
@@ -207,19 +220,22 @@ def markdown(rows: list[CompatRow], host: str = "") -> str:
     for key, group in checkpointing_groups(rows).items():
         probs = checkpointing_problems(group)
         out.append(f"- {key}: " + ("holds" if not probs else "; ".join(probs)))
-    return "\n".join(out) + "\n"
+    out.append("")
+    out += loading_markdown(loading)
+    return "\n".join(out).rstrip() + "\n"
 
 
-def report(records: Iterable[dict[str, Any]], host: str = "") -> dict[str, Any]:
+def report(records: Iterable[dict[str, Any]], host: str = "", loading: dict[str, Any] | None = None) -> dict[str, Any]:
     """Rows, disagreements and checkpointing findings of the compat records, as JSON data."""
     rows = [row_for(r) for r in records]
     return {
         "host": host,
+        "loading": loading,
         "rows": [asdict(r) for r in rows],
         "disagreements": [disagreement_text(r) for r in rows if not r.agrees],
         "checkpointing": [{"group": k, "problems": checkpointing_problems(g)}
                           for k, g in checkpointing_groups(rows).items()],
-        "markdown": markdown(rows, host),
+        "markdown": markdown(rows, host, loading),
     }
 
 
@@ -243,3 +259,29 @@ def write_files(run_dir: str | os.PathLike, name: str, data: dict[str, Any]) -> 
         tmp.write_text(text)
         os.replace(tmp, path)
     return md, js
+
+
+def write_suite_reports(run_dir: str | os.PathLike) -> list[str]:
+    """Write compat.md/.json and stability.md/.json for every record of those suites in
+    the run folder (several invocations may share it); returns the markdown written."""
+    from harness import env as env_mod
+    from harness import stability
+    from harness.store import load_records
+
+    d = Path(run_dir)
+    records = load_records(d / "results.jsonl") if (d / "results.jsonl").is_file() else []
+    env = json.loads((d / "env.json").read_text()) if (d / "env.json").is_file() else None
+    loading = json.loads((d / "loading.json").read_text()) if (d / "loading.json").is_file() else None
+    host = env_mod.summary(env) if env else ""
+    written = []
+    recs = suite_records(records, "compat")
+    if recs or loading:
+        data = report(recs, host=host, loading=loading)
+        write_files(d, "compat", data)
+        written.append(data["markdown"])
+    recs = suite_records(records, "stability")
+    if recs:
+        data = stability.report(recs, host=host)
+        write_files(d, "stability", data)
+        written.append(data["markdown"])
+    return written

@@ -43,6 +43,7 @@ class HarnessSession:
         self._suite_cells: dict[str, tuple[CellSpec, ...]] = {}  # issue 4: compat / stability
         self.suite_records: dict[str, dict[str, Any]] = {}
         self.suite_tables: list[str] = []
+        self.loading: dict[str, Any] | None = None
 
     @property
     def facts(self) -> dict[str, Any]:
@@ -149,24 +150,35 @@ class HarnessSession:
         cells = [c for c in self.suite_cells("compat") if group_id(c.model, c.precision, c.resolved_load()) == key]
         return {c.grad_ckpt: row_for(self.run_suite(c, "compat")) for c in cells}
 
-    def write_suite_reports(self) -> list[str]:
-        """compat.md/.json and stability.md/.json in the run folder, from every record of
-        those suites the folder holds (several invocations may share it)."""
-        from harness import compat, env as env_mod, stability
+    def run_loading_checks(self) -> dict[str, Any]:
+        """The loading-correctness cases (harness.loading) in a worker on this host's
+        device, once a session; the result is also written to loading.json."""
+        if self.loading is None:
+            from harness import suites
+            from harness.models import resolve_model
+            from harness.runner import classify
 
-        if self.sweep is None or self.sweep.store is None or not self.suite_records:
+            values = {o.dest: self.pyconfig.getoption(o.dest) for o in OPTIONS}
+            model = resolve_model(suites.loading_model(values, self.facts))
+            if model.is_local:
+                pytest.skip("the loading checks need a preset (they write a checkpoint of their own)")
+            sweep = self.get_sweep()
+            sweep.start()
+            store = sweep.store
+            out = sweep.runner.run_job("harness.loading:run_checks",
+                                       {"model": model.name, "opts": self.cfg.worker_opts()},
+                                       timeout_s=self.cfg.cell_timeout_s, log_path=store.dir / "logs" / "loading.log")
+            self.loading = out.result if out.result is not None else classify(out, self.cfg.cell_timeout_s)
+            store.write_json("loading.json", self.loading)
+        return self.loading
+
+    def write_suite_reports(self) -> list[str]:
+        """compat.md/.json and stability.md/.json in the run folder (harness.compat)."""
+        from harness.compat import write_suite_reports
+
+        if self.sweep is None or self.sweep.store is None or not (self.suite_records or self.loading):
             return []
-        store = self.sweep.store
-        records = store.records()
-        host = env_mod.summary(self.sweep.env) if self.sweep.env else ""
-        written = []
-        for name, make in (("compat", compat.report), ("stability", stability.report)):
-            recs = compat.suite_records(records, name)
-            if recs:
-                data = make(recs, host=host)
-                compat.write_files(store.dir, name, data)
-                written.append(data["markdown"])
-        return written
+        return write_suite_reports(self.sweep.store.dir)
 
 
 def _write_own_line(tr, line: str) -> None:
@@ -197,6 +209,10 @@ def pytest_configure(config: pytest.Config) -> None:
     # collection, not a collection error with a traceback.
     if any(config.getoption(o.dest) not in (None, False) for o in OPTIONS):
         config.stash[_KEY].cfg  # noqa: B018 - raises pytest.UsageError
+    # issue 4: the suites' own options are checked the same way
+    if any(config.getoption(o.dest) is not None for o in OPTIONS if o.name.startswith(("compat-", "stability-"))):
+        for suite in SUITE_PARAMS.values():
+            config.stash[_KEY].suite_cells(suite)
     config.addinivalue_line("markers", "matrix: a LoRA training cell of the precision x length x checkpointing matrix")
     config.addinivalue_line("markers", "compat: the compatibility suite (every precision x checkpointing mode, "
                                        "attempted whatever the rules predict)")

@@ -27,7 +27,7 @@ from typing import Any
 
 from harness.matrix import split_list
 from harness.options import OPTIONS, build_config
-from harness.spec import PRECISIONS, CellSpec, SpecError
+from harness.spec import GRAD_CKPT_MODES, PRECISIONS, CellSpec, SpecError
 
 GPU_SUITE_MODEL = "llama-3.2-1b"  # small real shape: fp32 LoRA fits any GPU of 16 GB or more
 CPU_SUITE_MODEL = "tiny-llama"
@@ -63,6 +63,9 @@ def _uses_gpu(v: dict[str, Any], facts: dict[str, Any]) -> bool:
 def _cells(v: dict[str, Any], facts: dict[str, Any], **fixed: Any) -> list[CellSpec]:
     """Cells from the shared options plus ``fixed`` (option names with dashes as '_')."""
     given = {k.replace("-", "_"): v[k] for k in SHARED if v.get(k) is not None}
+    # The suites' own defaults, not a matrix preset's: every precision and every mode.
+    given.setdefault("precision", ",".join(PRECISIONS))
+    given.setdefault("grad_ckpt", ",".join(GRAD_CKPT_MODES))
     given.update({k: val for k, val in fixed.items() if val is not None})
     return list(build_config(given, facts).cells)
 
@@ -139,6 +142,13 @@ def overflow_cells(values: dict[str, Any], facts: dict[str, Any]) -> tuple[CellS
                    precision=",".join(OVERFLOW_PRECISIONS), seq_len=str(OVERFLOW_SEQ_LEN), steps=str(steps),
                    warmup_steps=0, load="pretrained", grad_ckpt="off")
     return tuple(_tagged(cells, "stability"))
+
+
+def loading_model(values: dict[str, Any], facts: dict[str, Any]) -> str:
+    """The model the loading checks load several times: the small suite model (the
+    stability suite's), not the possibly large compat model."""
+    v = _values(values)
+    return v["stability-model"] or v["model"] or (GPU_SUITE_MODEL if _uses_gpu(v, facts) else CPU_SUITE_MODEL)
 
 
 def reference_for(cell: CellSpec) -> CellSpec:

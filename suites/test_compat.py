@@ -26,3 +26,15 @@ def test_checkpointing_modes_differ_as_claimed(compat_group, lora_harness):
     problems = checkpointing_problems(rows)
     if problems:
         pytest.fail(f"{compat_group}: " + "; ".join(problems), pytrace=False)
+
+
+@pytest.mark.compat
+def test_loading_follows_the_flags(lora_harness):
+    """The seed's flag rules end to end on this host's device (the small suite model):
+    load_in_4bit=False loads no quantised layer, conflicting flags are rejected, double
+    quantisation and the compute dtype are what was asked, and a pre-quantised checkpoint
+    or a wrapper that overrides the quantisation config is caught by the layer proof."""
+    result = lora_harness.run_loading_checks()
+    assert result.get("cases"), f"the loading checks did not run: {result.get('status')}: {result.get('error')}"
+    failed = [f"{c['case']}: {c['detail']}" for c in result["cases"] if not c["ok"]]
+    assert not failed, "; ".join(failed)
