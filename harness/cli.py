@@ -48,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
     _add_sweep_options(cells)
     e = sub.add_parser("env", help="print this host's fingerprint")
     e.add_argument("--json", action="store_true", help="JSON instead of a table")
+    e.add_argument("--from-run", metavar="RUN_DIR", help="show the fingerprint stored in a run folder's env.json "
+                                                         "instead of collecting this host's")
     show = sub.add_parser("show", help="summary table of a run folder")
     show.add_argument("run_dir")
     tables = sub.add_parser("tables", help="(re)write and print the compatibility and stability tables of a run folder")
@@ -104,10 +106,18 @@ def cmd_env(ns) -> int:
     from harness.runner import ForkServerRunner, classify
     import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        with ForkServerRunner(tmp) as r:
-            out = r.run_job("harness.env:collect", {}, timeout_s=300, log_path=f"{tmp}/env.log")
-        env = out.result or {"error": classify(out, 300)["error"]}
+    if getattr(ns, "from_run", None):  # issue 4: what a run recorded, without importing torch here
+        from pathlib import Path
+
+        path = Path(ns.from_run) / "env.json"
+        if not path.is_file():
+            raise CliError(f"{ns.from_run} holds no env.json")
+        env = json.loads(path.read_text())
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            with ForkServerRunner(tmp) as r:
+                out = r.run_job("harness.env:collect", {}, timeout_s=300, log_path=f"{tmp}/env.log")
+            env = out.result or {"error": classify(out, 300)["error"]}
     if ns.json:
         print(json.dumps(env, indent=2, sort_keys=True))
         return 0
@@ -124,7 +134,8 @@ def _env_rows(env: dict[str, Any]) -> list[list[str]]:
     if not env.get("devices"):
         rows.append(["device", "CPU only (no CUDA device)"])
     drv = env.get("driver_version")
-    rows.append(["NVIDIA driver", f"{drv} (supports CUDA {env.get('driver_cuda_version')})" if drv else "none"])
+    dcuda = env.get("driver_cuda_version")
+    rows.append(["NVIDIA driver", (f"{drv}" + (f" (supports CUDA {dcuda})" if dcuda else "")) if drv else "none"])
     rows.append(["torch built for CUDA", env.get("torch_cuda_version") or "none (CPU-only build)"])
     rows.append(["NVML", "available" if env.get("nvml_available") else f"unavailable ({env.get('nvml_error')})"])
     rows.append(["bf16 supported", str(env.get("bf16_supported"))])
