@@ -121,7 +121,19 @@ def _case(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         out = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"[:500]}
     out["case"] = name
     out["time_s"] = time.perf_counter() - t0
+    _release_memory()
     return out
+
+
+def _release_memory() -> None:
+    """Give the models of a case back before the next one loads (one GPU, several loads)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def check_cases(path: str, *, device: str, bf16_supported: bool, work_dir: str) -> list[dict[str, Any]]:

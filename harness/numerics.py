@@ -29,6 +29,10 @@ from typing import Any, Callable
 DTYPE_MAX: dict[str, float] = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38, "float32": 3.4028234663852886e38}
 
 
+# The float32 replay copies the scope where values went bad; above this it is skipped.
+REPLAY_MAX_BYTES = 2 * 2**30
+
+
 class _Stop(Exception):
     """Raised by a hook to end a diagnostic forward pass early."""
 
@@ -208,8 +212,11 @@ def diagnose(model, input_ids, autocast: Callable[[], Any], *, step: int, loss: 
         overflow = first["output_has_inf"] or (dtype == "float16" and first["params_finite"])
         diag["kind"] = "overflow" if overflow and first["params_finite"] else "nan"
         try:
-            inputs = _capture_inputs(model, scope, run)
             scope_mod = dict(model.named_modules())[scope]
+            fp32_bytes = 4 * sum(p.numel() for p in scope_mod.parameters())
+            if fp32_bytes > REPLAY_MAX_BYTES:  # a float32 copy of a whole model could itself run out of memory
+                raise MemoryError(f"a float32 copy of {_short(scope)} needs {fp32_bytes / 2**30:.1f} GiB")
+            inputs = _capture_inputs(model, scope, run)
             diag["fp32_peak_abs"] = _replay_fp32(scope_mod, inputs, device_type) if inputs else None
         except Exception as exc:  # quantised layers cannot be copied to fp32: say so, don't fail
             diag["fp32_peak_abs"] = None

@@ -322,7 +322,8 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial) -
 
 def _diagnose_nonfinite(model, ids, autocast, step: int, loss: float, out: _Partial) -> None:
     """Say where the first non-finite loss came from (fp16 overflow or NaN), once a cell.
-    Runs outside the step timer; a failure here is recorded, never fatal."""
+    Runs outside the step timer (its memory and energy do count in the cell's totals: such
+    a cell's measurements are not the point); a failure here is recorded, never fatal."""
     from harness import numerics
 
     try:
