@@ -8,6 +8,7 @@ pytest plugin uses. User errors end in one line on stderr and exit code 2.
     lora-harness report RUN_DIR... charts, report.md and report.html (harness.cli_report)
     lora-harness compare BASE CUR  regression check against a baseline (harness.cli_report)
     lora-harness fit [options]     longest trainable context per VRAM budget (harness.fitcli)
+    lora-harness tables RUN_DIR    the compatibility and stability tables of a run folder
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
     _add_sweep_options(cells)
     e = sub.add_parser("env", help="print this host's fingerprint")
     e.add_argument("--json", action="store_true", help="JSON instead of a table")
+    e.add_argument("--from-run", metavar="RUN_DIR", help="show the fingerprint stored in a run folder's env.json "
+                                                         "instead of collecting this host's")
     show = sub.add_parser("show", help="summary table of a run folder")
     show.add_argument("run_dir")
     cli_report.add_commands(sub)  # issue 3: report, compare (each sets its handler)
@@ -59,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
     _add_sweep_options(fit)
     fit.add_argument("--dry-run", action="store_true",
                      help="print the memory model's predictions (from --prior and the run folder); run nothing")
+    tables = sub.add_parser("tables", help="(re)write and print the compatibility and stability tables of a run folder")
+    tables.add_argument("run_dir")
     return p
 
 
@@ -128,10 +133,18 @@ def cmd_env(ns) -> int:
     from harness.runner import ForkServerRunner, classify
     import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        with ForkServerRunner(tmp) as r:
-            out = r.run_job("harness.env:collect", {}, timeout_s=300, log_path=f"{tmp}/env.log")
-        env = out.result or {"error": classify(out, 300)["error"]}
+    if getattr(ns, "from_run", None):  # issue 4: what a run recorded, without importing torch here
+        from pathlib import Path
+
+        path = Path(ns.from_run) / "env.json"
+        if not path.is_file():
+            raise CliError(f"{ns.from_run} holds no env.json")
+        env = json.loads(path.read_text())
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            with ForkServerRunner(tmp) as r:
+                out = r.run_job("harness.env:collect", {}, timeout_s=300, log_path=f"{tmp}/env.log")
+            env = out.result or {"error": classify(out, 300)["error"]}
     if ns.json:
         print(json.dumps(env, indent=2, sort_keys=True))
         return 0
@@ -147,11 +160,16 @@ def _env_rows(env: dict[str, Any]) -> list[list[str]]:
                                            f"{d['memory_total_bytes'] / 2**30:.1f} GiB"])
     if not env.get("devices"):
         rows.append(["device", "CPU only (no CUDA device)"])
-    rows.append(["driver / CUDA", f"{env.get('driver_version')} / {env.get('torch_cuda_version')}"])
+    drv = env.get("driver_version")
+    dcuda = env.get("driver_cuda_version")
+    rows.append(["NVIDIA driver", (f"{drv}" + (f" (supports CUDA {dcuda})" if dcuda else "")) if drv else "none"])
+    rows.append(["torch built for CUDA", env.get("torch_cuda_version") or "none (CPU-only build)"])
     rows.append(["NVML", "available" if env.get("nvml_available") else f"unavailable ({env.get('nvml_error')})"])
     rows.append(["bf16 supported", str(env.get("bf16_supported"))])
     bnb = env.get("bitsandbytes") or {}
     rows.append(["bitsandbytes backend", bnb.get("backend") or f"none ({bnb.get('error')})"])
+    if bnb.get("library"):
+        rows.append(["bitsandbytes library", bnb["library"]])
     for k, v in (env.get("packages") or {}).items():
         rows.append([k, str(v)])
     for k, v in (env.get("attention") or {}).items():
@@ -182,12 +200,29 @@ def cmd_fit(ns) -> int:  # issue 5: fit
         raise CliError(str(exc)) from None
 
 
+def cmd_tables(ns) -> int:
+    """issue 4: compat.md/.json and stability.md/.json from a run folder's records."""
+    from pathlib import Path
+
+    from harness.compat import write_suite_reports
+
+    d = Path(ns.run_dir)
+    if not (d / "results.jsonl").is_file():
+        raise CliError(f"{d} is not a run folder (no results.jsonl)")
+    written = write_suite_reports(d)
+    if not written:
+        raise CliError(f"{d} holds no compatibility or stability records (run suites/test_compat.py or "
+                       "suites/test_stability.py)")
+    print("\n".join(written))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = parser().parse_args(argv)
     try:
         handler = getattr(ns, "handler", None) or {"run": cmd_run, "cells": cmd_cells, "env": cmd_env,
                                                    "show": cmd_show,
-                                                   "fit": cmd_fit}[ns.command]
+                                                   "fit": cmd_fit, "tables": cmd_tables}[ns.command]
         return handler(ns)
     except (SpecError, StoreError, CliError) as exc:
         print(f"lora-harness: error: {exc}", file=sys.stderr)

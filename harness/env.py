@@ -12,6 +12,7 @@ import importlib.metadata as md
 import importlib.util
 import os
 import platform
+import re
 import socket
 import sys
 from typing import Any
@@ -63,6 +64,48 @@ def nvml_gpus() -> tuple[list[dict[str, Any]], str | None, str | None]:
             pass
 
 
+# Versions the capability rules (harness.capability) compare against their floors.
+RULE_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
+
+
+def nvml_cuda_driver_version() -> str | None:
+    """The CUDA version the installed driver supports ("13.0"), from NVML; None without one."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        v = int(pynvml.nvmlSystemGetCudaDriverVersion())  # e.g. 13000
+        return f"{v // 1000}.{(v % 1000) // 10}"
+    except Exception:
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def torch_cuda_build() -> str | None:
+    """The CUDA version torch was built for, read from ``torch/version.py`` without
+    importing torch (the parent side must not: importing it costs seconds and may touch
+    the GPU). None for CPU-only builds or when torch is missing."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        try:
+            with open(os.path.join(loc, "version.py")) as f:
+                text = f.read()
+        except OSError:
+            continue
+        m = re.search(r"^cuda\b[^=\n]*=\s*['\"]([^'\"]+)['\"]", text, re.M)
+        return m.group(1) if m else None
+    return None
+
+
 def quick_facts() -> dict[str, Any]:
     """Cheap facts for the parent process: GPUs via NVML, which packages are installed."""
     gpus, driver, err = nvml_gpus()
@@ -76,6 +119,11 @@ def quick_facts() -> dict[str, Any]:
         "compute_capability": cc,
         "bf16_supported": (float(cc) >= 8.0) if cc else (None if gpus else True),
         "bitsandbytes_installed": importlib.util.find_spec("bitsandbytes") is not None,
+        # issue 4: what the capability rules need beyond the above
+        "packages": {p: _version(p) for p in RULE_PACKAGES},
+        "torch_cuda_version": torch_cuda_build(),
+        "driver_cuda_version": nvml_cuda_driver_version() if gpus else None,
+        "flash_attn_installed": importlib.util.find_spec("flash_attn") is not None,
     }
 
 
@@ -95,6 +143,7 @@ def collect() -> dict[str, Any]:
         "torch_cuda_version": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "driver_version": facts["driver_version"],
+        "driver_cuda_version": facts["driver_cuda_version"],
         "nvml_available": facts["nvml_error"] is None,
         "nvml_error": facts["nvml_error"],
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -152,10 +201,22 @@ def _attention_facts() -> dict[str, Any]:
 
     facts = {"sdpa": hasattr(torch.nn.functional, "scaled_dot_product_attention"),
              "flash_attn_package": importlib.util.find_spec("flash_attn") is not None}
+    # transformers' own verdicts: what attn_implementation values would load here.
+    try:
+        from transformers.utils import import_utils as iu
+
+        for key, fn in (("flash_attention_2", "is_flash_attn_2_available"),
+                        ("flash_attention_3", "is_flash_attn_3_available"),
+                        ("flex_attention", "is_torch_flex_attn_available")):
+            if hasattr(iu, fn):
+                facts[key] = bool(getattr(iu, fn)())
+    except Exception as exc:  # a fingerprint never fails on one fact
+        facts["transformers_check_error"] = f"{type(exc).__name__}: {exc}"[:200]
     if torch.cuda.is_available():
         try:
             facts["sdpa_flash_kernel"] = bool(torch.backends.cuda.flash_sdp_enabled())
             facts["sdpa_mem_efficient_kernel"] = bool(torch.backends.cuda.mem_efficient_sdp_enabled())
+            facts["sdpa_cudnn_kernel"] = bool(torch.backends.cuda.cudnn_sdp_enabled())
         except Exception:
             pass
     return facts

@@ -84,6 +84,19 @@ OPTIONS: tuple[Opt, ...] = (
                       "(28 for Qwen2.5-VL) (default: the model's; 448 for qwen2.5-vl-7b)", kind="int"),
     Opt("lora-vision", "vision-language models: LoRA on the vision tower's linear layers too (default: the "
                        "language model's only)", kind="flag"),
+    # issue 4: compat/stability (suites/test_compat.py, suites/test_stability.py; see harness/suites.py).
+    # --precision, --grad-ckpt, --lr, --seed, --optimizer, --lora-*, --device and the run options apply to
+    # these suites too; --seq-len, --steps, --warmup-steps, --batch-size, --load and --matrix do not.
+    Opt("compat-model", "model of the compatibility suite (default: --model, else llama-3.2-1b with a GPU, "
+                        "tiny-llama without)"),
+    Opt("compat-seq-len", "sequence length of compatibility cells (default 256 with a GPU, 64 without)", kind="int"),
+    Opt("compat-steps", "training steps per compatibility cell, the first a warm-up (default 2)", kind="int"),
+    Opt("compat-load", "load paths for 16/32-bit compatibility cells: config, pretrained or both (default both; "
+                       "quantised cells always load through from_pretrained)"),
+    Opt("stability-model", "model of the stability suite (default: --model, else llama-3.2-1b with a GPU, "
+                           "tiny-llama without)"),
+    Opt("stability-seq-len", "sequence length of stability cells (default 256 with a GPU, 64 without)", kind="int"),
+    Opt("stability-steps", "training steps per stability cell (default 100)", kind="int"),
 )
 
 

@@ -42,6 +42,10 @@ class HarnessSession:
         self.n_items = 0
         self.baseline = None  # issue 3: harness.regress.BaselineCheck with --baseline
         self.baseline_verdict = None
+        self._suite_cells: dict[str, tuple[CellSpec, ...]] = {}  # issue 4: compat / stability
+        self.suite_records: dict[str, dict[str, Any]] = {}
+        self.suite_tables: list[str] = []
+        self.loading: dict[str, Any] | None = None
 
     @property
     def facts(self) -> dict[str, Any]:
@@ -112,6 +116,76 @@ class HarnessSession:
         if self.sweep is not None:
             self.sweep.close()
 
+    # -- issue 4: the compatibility and stability suites ------------------------------
+    def suite_cells(self, suite: str) -> tuple[CellSpec, ...]:
+        """Cells of a suite (compat, stability, overflow) from this session's options."""
+        if suite not in self._suite_cells:
+            from harness import suites
+
+            values = {o.dest: self.pyconfig.getoption(o.dest) for o in OPTIONS}
+            try:
+                self._suite_cells[suite] = suites.cells_for(suite, values, self.facts)
+            except SpecError as exc:
+                raise pytest.UsageError(f"lora-harness: {exc}") from None
+        return self._suite_cells[suite]
+
+    def run_suite(self, cell: CellSpec, suite: str) -> dict[str, Any]:
+        """Run a suite's cell once a session (tests that share a cell reuse its record).
+        The compatibility suite attempts cells the rules predict unsupported."""
+        if cell.cell_id not in self.suite_records:
+            self.suite_records[cell.cell_id] = self.get_sweep().run(cell, suite=suite,
+                                                                    attempt_unsupported=(suite == "compat"))
+        return self.suite_records[cell.cell_id]
+
+    def check_compat(self, record: dict[str, Any]) -> None:
+        """A compat cell's test outcome: a prediction the attempt contradicts fails."""
+        from harness.compat import compat_outcome
+
+        out = compat_outcome(record, fail_on_oom=self.cfg.fail_on_oom)
+        if out.action == "skip":
+            pytest.skip(out.message)
+        if out.action == "xfail":
+            pytest.xfail(out.message)
+        if out.action != "pass":
+            pytest.fail(out.message, pytrace=False)
+
+    def compat_group(self, key: str) -> dict[str, Any]:
+        """The compat records of one model/precision/load path, by checkpointing mode."""
+        from harness.compat import group_id, row_for
+
+        cells = [c for c in self.suite_cells("compat") if group_id(c.model, c.precision, c.resolved_load()) == key]
+        return {c.grad_ckpt: row_for(self.run_suite(c, "compat")) for c in cells}
+
+    def run_loading_checks(self) -> dict[str, Any]:
+        """The loading-correctness cases (harness.loading) in a worker on this host's
+        device, once a session; the result is also written to loading.json."""
+        if self.loading is None:
+            from harness import suites
+            from harness.models import resolve_model
+            from harness.runner import classify
+
+            values = {o.dest: self.pyconfig.getoption(o.dest) for o in OPTIONS}
+            model = resolve_model(suites.loading_model(values, self.facts))
+            if model.is_local:
+                pytest.skip("the loading checks need a preset (they write a checkpoint of their own)")
+            sweep = self.get_sweep()
+            sweep.start()
+            store = sweep.store
+            out = sweep.runner.run_job("harness.loading:run_checks",
+                                       {"model": model.name, "opts": self.cfg.worker_opts()},
+                                       timeout_s=self.cfg.cell_timeout_s, log_path=store.dir / "logs" / "loading.log")
+            self.loading = out.result if out.result is not None else classify(out, self.cfg.cell_timeout_s)
+            store.write_json("loading.json", self.loading)
+        return self.loading
+
+    def write_suite_reports(self) -> list[str]:
+        """compat.md/.json and stability.md/.json in the run folder (harness.compat)."""
+        from harness.compat import write_suite_reports
+
+        if self.sweep is None or self.sweep.store is None or not (self.suite_records or self.loading):
+            return []
+        return write_suite_reports(self.sweep.store.dir)
+
 
 def _write_own_line(tr, line: str) -> None:
     """A line of our own between pytest's progress dots, starting and ending a line."""
@@ -148,7 +222,14 @@ def pytest_configure(config: pytest.Config) -> None:
             config.stash[_KEY].baseline = regress.from_options(config.stash[_KEY].cfg.options)
         except regress.BaselineError as exc:
             raise pytest.UsageError(f"lora-harness: --baseline: {exc}") from None
+    # issue 4: the suites' own options are checked the same way
+    if any(config.getoption(o.dest) is not None for o in OPTIONS if o.name.startswith(("compat-", "stability-"))):
+        for suite in SUITE_PARAMS.values():
+            config.stash[_KEY].suite_cells(suite)
     config.addinivalue_line("markers", "matrix: a LoRA training cell of the precision x length x checkpointing matrix")
+    config.addinivalue_line("markers", "compat: the compatibility suite (every precision x checkpointing mode, "
+                                       "attempted whatever the rules predict)")
+    config.addinivalue_line("markers", "stability: the training stability suite (loss curves per precision vs fp32)")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -167,19 +248,39 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "lora_cell" in metafunc.fixturenames:
         cells = list(_session(metafunc.config).cfg.cells)
         metafunc.parametrize("lora_cell", cells, ids=[c.cell_id for c in cells])
+    # issue 4: compat / stability suites
+    s = _session(metafunc.config)
+    for param, suite in SUITE_PARAMS.items():
+        if param in metafunc.fixturenames:
+            cells = list(s.suite_cells(suite))
+            metafunc.parametrize(param, cells, ids=[c.cell_id for c in cells])
+    if "compat_group" in metafunc.fixturenames:
+        from harness.compat import group_id
+
+        keys = list(dict.fromkeys(group_id(c.model, c.precision, c.resolved_load()) for c in s.suite_cells("compat")))
+        metafunc.parametrize("compat_group", keys, ids=keys)
+
+
+# Suite parameters -> the suite whose cells they take (harness.suites).
+SUITE_PARAMS = {"compat_cell": "compat", "stability_cell": "stability", "overflow_cell": "overflow"}
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     s = _session(session.config)
     items = [i for i in session.items if "lora_cell" in getattr(i, "fixturenames", ())]
-    s.n_items = len(items)
-    if items and not session.config.option.collectonly:
+    suite_items = [i for i in session.items if set(SUITE_PARAMS) & set(getattr(i, "fixturenames", ()))]
+    s.n_items = len(items) + len(suite_items)
+    if (items or suite_items) and not session.config.option.collectonly:
         sweep = s.get_sweep()
-        sweep.total = len(items)
+        sweep.total = s.n_items
         cfg = s.cfg
-        models = ", ".join(dict.fromkeys(c.model for c in cfg.cells))
-        s._out(f"lora-harness: {len(items)} cells of the {cfg.matrix} matrix ({models}); "
-               f"run folder {sweep.store.dir}{' (resuming)' if cfg.resume else ''}")
+        what = []
+        if items:
+            models = ", ".join(dict.fromkeys(c.model for c in cfg.cells))
+            what.append(f"{len(items)} cells of the {cfg.matrix} matrix ({models})")
+        if suite_items:
+            what.append(f"{len(suite_items)} compatibility / stability cells")
+        s._out(f"lora-harness: {'; '.join(what)}; run folder {sweep.store.dir}{' (resuming)' if cfg.resume else ''}")
 
 
 @pytest.fixture(scope="session")
@@ -195,10 +296,19 @@ def lora_benchmark(request: pytest.FixtureRequest):
     return None
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
+    """issue 4: the compatibility and stability tables go into the run folder."""
+    s = _session(session.config)
+    s.suite_tables = s.write_suite_reports()
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     s = _session(config)
     if s.sweep is None or not s.sweep.records:
         return
+    for table in s.suite_tables:  # issue 4
+        terminalreporter.section(table.splitlines()[0].lstrip("# "))
+        terminalreporter.write_line("\n".join(table.splitlines()[2:]).rstrip())
     tr = terminalreporter
     tr.section("lora-harness results")
     tr.write_line(format_table(SUMMARY_HEADERS, summary_rows(s.sweep.records)))

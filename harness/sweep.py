@@ -85,8 +85,14 @@ class Sweep:
         self.close()
 
     # -- cells ---------------------------------------------------------------------
-    def run(self, cell: CellSpec) -> dict[str, Any]:
-        """Run one cell (or replay its stored record when resuming) and record it."""
+    def run(self, cell: CellSpec, *, suite: str | None = None, attempt_unsupported: bool = False) -> dict[str, Any]:
+        """Run one cell (or replay its stored record when resuming) and record it.
+
+        A cell the capability rules predict unsupported is recorded as such without being
+        started, unless ``attempt_unsupported`` (the compatibility suite): then it runs
+        anyway and the record holds both the prediction and what really happened.
+        ``suite`` names the suite the record belongs to (compat, stability).
+        """
         self._index += 1
         store = self.open_store()
         if cell.cell_id in self.done:
@@ -95,10 +101,11 @@ class Sweep:
             self._progress(rec, resumed=True)
             return rec
         self.start()  # every run folder gets env.json, even if no cell can run here
-        reason = capability.predict(cell, self.facts)
+        prediction = capability.verdict(cell, self.facts)
+        reason = prediction.reason
         cause = pruned_by(cell, self.records) if self.config.prune else None
         t0 = time.monotonic()
-        if reason:
+        if reason and not attempt_unsupported:
             worker = {"status": Status.UNSUPPORTED.value, "error": reason, "predicted_unsupported": True}
             extra: dict[str, Any] = {"wall_time_s": 0.0}
         elif cause:
@@ -116,6 +123,9 @@ class Sweep:
             self._ran += 1
             self._ran_time += outcome.wall_s
         env = self.env or {}
+        extra["prediction"] = prediction.to_dict()
+        if suite:
+            extra["suite"] = suite
         extra.update({"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hostname": env.get("hostname"),
                       "gpu_name": worker.get("device_name") if worker.get("device") == "cuda" else env.get("gpu_name"),
                       "worker_mode": env.get("worker_mode")})
@@ -144,4 +154,6 @@ class Sweep:
                 f"{tps} tokens/s ({what}; elapsed {fmt_duration(total_elapsed)}, ETA {fmt_duration(eta)})")
         if rec.get("status") not in ("ok", "oom") and rec.get("error"):
             line += f"\n    {str(rec['error']).splitlines()[0][:300]}"
+        if rec.get("nonfinite_message"):  # a NaN loss is never silent
+            line += f"\n    {rec['nonfinite_message'][:300]}"
         self.out(line)

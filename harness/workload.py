@@ -242,6 +242,9 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
     lcfg = peft.LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                            target_modules=_lora_target(spec), bias="none", task_type="CAUSAL_LM",
                            exclude_modules=lora_exclude(preset, spec.lora.include_vision))
+    # LoRA's A matrices are drawn from the global RNG: seed it here so every precision and
+    # load path of a cell starts from the same adapter (the stability suite compares them).
+    torch.manual_seed(spec.seed)
     model = peft.get_peft_model(model, lcfg)
     # from_pretrained gave us an eval-mode model; transformers skips checkpointing in
     # eval mode. The evidence check below catches a loop that forgets this.
@@ -307,6 +310,8 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
             guard.after_step()
         lv = float(loss.detach().float().item())
         out["losses"].append(lv)
+        if not math.isfinite(lv) and "nonfinite_diagnosis" not in out:
+            _diagnose_nonfinite(model, ids, autocast, i, lv, out)
         _log(f"step {i + 1}/{n_total}{' (warm-up)' if i < spec.warmup_steps else ''}: loss {lv:.4f}, {dt * 1000:.1f} ms")
     sync()
     sampler.energy_stop()
@@ -343,6 +348,22 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
     out["lora_matmul_params"] = lora_mm
     out["_energy"] = sampler.energy_j
     del np
+
+
+def _diagnose_nonfinite(model, ids, autocast, step: int, loss: float, out: _Partial) -> None:
+    """Say where the first non-finite loss came from (fp16 overflow or NaN), once a cell.
+    Runs outside the step timer (its memory and energy do count in the cell's totals: such
+    a cell's measurements are not the point); a failure here is recorded, never fatal."""
+    from harness import numerics
+
+    try:
+        diag = numerics.diagnose(model, ids, autocast, step=step, loss=loss, compute_dtype=out.get("autocast_dtype"))
+    except Exception as exc:  # noqa: BLE001 - the diagnosis must not end the cell
+        diag = {"step": step, "loss": loss, "message": f"loss became {loss} at step {step} (diagnosis failed: "
+                                                        f"{type(exc).__name__}: {exc})"[:500]}
+    out["nonfinite_diagnosis"] = diag
+    out["nonfinite_message"] = diag["message"]
+    _log(diag["message"])
 
 
 def _finish(spec: CellSpec, out: _Partial) -> None:

@@ -1,5 +1,6 @@
-"""End to end on CPU: ``pytest suites/`` runs every precision x every checkpointing mode
-x two lengths on the tiny model, in worker processes, and stores what it measured."""
+"""End to end on CPU: the matrix suite (``suites/test_matrix.py``) runs every precision x
+every checkpointing mode x two lengths on the tiny model, in worker processes, and stores
+what it measured. (The compatibility and stability suites: tests/test_suites_e2e.py.)"""
 
 import json
 import math
@@ -27,7 +28,7 @@ def _pytest(*args, cwd=ROOT):
 def smoke_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
     bench = run_dir.parent / "bench.json"
-    proc = _pytest("suites/", "-p", "no:cacheprovider", "--run-dir", str(run_dir), "--device", "cpu",
+    proc = _pytest("suites/test_matrix.py", "-p", "no:cacheprovider", "--run-dir", str(run_dir), "--device", "cpu",
                    "--lr", "3e-3", "--steps", "6", "--benchmark-json", str(bench))
     return proc, run_dir, bench
 
@@ -87,7 +88,7 @@ def test_benchmark_json_holds_the_metrics(smoke_run):
 
 def test_resume_skips_recorded_cells(smoke_run):
     _, run_dir, _ = smoke_run
-    proc = _pytest("suites/", "-p", "no:cacheprovider", "-p", "no:benchmark", "--run-dir", str(run_dir),
+    proc = _pytest("suites/test_matrix.py", "-p", "no:cacheprovider", "-p", "no:benchmark", "--run-dir", str(run_dir),
                    "--device", "cpu", "--resume", "-k", "fp32 and s64")
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert "3 passed" in proc.stdout and "resumed" in proc.stdout
@@ -96,7 +97,7 @@ def test_resume_skips_recorded_cells(smoke_run):
 
 
 def test_bad_option_is_a_usage_error(tmp_path):
-    proc = _pytest("suites/", "-p", "no:cacheprovider", "--precision", "int3", "--run-dir", str(tmp_path / "r"))
+    proc = _pytest("suites/test_matrix.py", "-p", "no:cacheprovider", "--precision", "int3", "--run-dir", str(tmp_path / "r"))
     assert proc.returncode == 4
     assert "lora-harness: unknown precision 'int3'" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
@@ -106,7 +107,7 @@ def test_oom_is_a_measurement_not_a_failure(tmp_path):
     """A cell that runs out of memory is xfailed (OOM), and fails with --fail-on-oom.
     The memory limit is real: the worker's address space is capped below what a
     16k-token fp32 cell needs (about 0.7 GiB on top of the worker server)."""
-    args = ["suites/", "-p", "no:cacheprovider", "-p", "no:benchmark", "--device", "cpu", "--precision", "fp32",
+    args = ["suites/test_matrix.py", "-p", "no:cacheprovider", "-p", "no:benchmark", "--device", "cpu", "--precision", "fp32",
             "--seq-len", "16384", "--grad-ckpt", "off", "--steps", "1", "--warmup-steps", "0"]
     env_cap = "LORA_HARNESS_RLIMIT_AS_EXTRA"
     os.environ[env_cap] = str(256 * 1024 ** 2)

@@ -60,11 +60,37 @@ def build_from_config(preset: dict[str, Any], *, dtype, device: str, seed: int, 
     torch.manual_seed(seed)
     with torch.device(device):
         model = _model_class(config).from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    apply_init_overrides(model, preset)
     return model
 
 
+def apply_init_overrides(model, preset: dict[str, Any]) -> int:
+    """Fill the parameters a preset names (``init_overrides``) after random init.
+
+    This builds models with a known numerical property from a config alone, e.g.
+    ``tiny-overflow``, whose MLP activations exceed float16's range. Each override is
+    ``{"parameter": <name suffix>, "fill": <value>}``; returns how many tensors changed.
+    An override that matches nothing is an error: a preset must mean what it says.
+    """
+    import torch
+
+    changed = 0
+    for ov in preset.get("init_overrides") or ():
+        hits = [p for n, p in model.named_parameters() if n.endswith(ov["parameter"])]
+        if not hits:
+            raise ValueError(f"preset {preset.get('name')}: init override {ov['parameter']!r} matches no parameter")
+        with torch.no_grad():
+            for p in hits:
+                p.fill_(float(ov["fill"]))
+        changed += len(hits)
+    return changed
+
+
 def checkpoint_dir(preset: dict[str, Any], cache_dir: str | None = None) -> Path:
-    blob = json.dumps(preset["config"], sort_keys=True).encode()
+    key_data: Any = preset["config"]
+    if preset.get("init_overrides"):  # other weights, other checkpoint (other presets keep their key)
+        key_data = {"config": preset["config"], "init_overrides": preset["init_overrides"]}
+    blob = json.dumps(key_data, sort_keys=True).encode()
     key = hashlib.sha1(blob).hexdigest()[:10]
     return cache_root(cache_dir) / "checkpoints" / f"{preset['name']}-{key}"
 
