@@ -265,6 +265,28 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 SUITE_PARAMS = {"compat_cell": "compat", "stability_cell": "stability", "overflow_cell": "overflow"}
 
 
+# Suites that run only when asked for (their file named on the command line, or their
+# marker in -m): `pytest suites/` is the matrix job, and these cost minutes on a GPU and
+# answer other questions (host compatibility, stability, the seed's claims).
+OPT_IN_SUITES = {"compat": "test_compat.py", "stability": "test_stability.py", "claims": "test_claims.py"}
+
+
+def _asked_suites(config: pytest.Config) -> set[str]:
+    markexpr = config.getoption("markexpr") or ""
+    return {m for m, f in OPT_IN_SUITES.items() if m in markexpr or any(f in str(a) for a in config.args)}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    asked = _asked_suites(config)
+    keep, drop = [], []
+    for item in items:
+        marks = {m.name for m in item.iter_markers()} & set(OPT_IN_SUITES)
+        (drop if marks and not marks & asked else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     s = _session(session.config)
     items = [i for i in session.items if "lora_cell" in getattr(i, "fixturenames", ())]
