@@ -184,17 +184,20 @@ def _replay_fp32(module, inputs, device_type: str) -> float | None:
     return peak[0] or None
 
 
-def diagnose(model, input_ids, autocast: Callable[[], Any], *, step: int, loss: float,
+def diagnose(model, batch: dict[str, Any], autocast: Callable[[], Any], *, step: int, loss: float,
              compute_dtype: str | None) -> dict[str, Any]:
-    """Find where the non-finite loss of ``step`` came from; returns a dict with ``message``."""
+    """Find where the non-finite loss of ``step`` came from; returns a dict with ``message``.
+
+    ``batch`` is the step's model inputs (what the batch builder made: input_ids and
+    labels, plus pixel values and grids for a vision-language model)."""
     import torch
 
     was_training = model.training
-    device_type = input_ids.device.type
+    device_type = batch["input_ids"].device.type
 
     def run():
         with torch.no_grad(), (autocast() if autocast else contextlib.nullcontext()):
-            return model(input_ids=input_ids, labels=input_ids)
+            return model(**batch)
 
     diag: dict[str, Any] = {"step": step, "loss": loss, "compute_dtype": compute_dtype}
     model.eval()

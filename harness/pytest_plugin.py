@@ -318,12 +318,6 @@ def lora_benchmark(request: pytest.FixtureRequest):
     return None
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
-    """issue 4: the compatibility and stability tables go into the run folder."""
-    s = _session(session.config)
-    s.suite_tables = s.write_suite_reports()
-
-
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     s = _session(config)
     if s.sweep is None or not s.sweep.records:
@@ -348,9 +342,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """issue 3: with --baseline, compare this session's cells and fail it on regression
-    (pytest's terminal summary, printed after this hook, shows the verdict)."""
+    """After the last cell: the compatibility and stability tables go into the run folder
+    (issue 4); with --baseline, this session's cells are compared and the session fails
+    on regression (issue 3). pytest's terminal summary, printed after this hook, shows both."""
     s = _session(session.config)
+    s.suite_tables = s.write_suite_reports()
     if s.baseline is None or s.sweep is None or not s.sweep.records:
         return
     from harness.regress import check_sweep

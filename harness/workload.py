@@ -311,7 +311,7 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
         lv = float(loss.detach().float().item())
         out["losses"].append(lv)
         if not math.isfinite(lv) and "nonfinite_diagnosis" not in out:
-            _diagnose_nonfinite(model, ids, autocast, i, lv, out)
+            _diagnose_nonfinite(model, batch, autocast, i, lv, out)
         _log(f"step {i + 1}/{n_total}{' (warm-up)' if i < spec.warmup_steps else ''}: loss {lv:.4f}, {dt * 1000:.1f} ms")
     sync()
     sampler.energy_stop()
@@ -350,14 +350,14 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
     del np
 
 
-def _diagnose_nonfinite(model, ids, autocast, step: int, loss: float, out: _Partial) -> None:
+def _diagnose_nonfinite(model, batch, autocast, step: int, loss: float, out: _Partial) -> None:
     """Say where the first non-finite loss came from (fp16 overflow or NaN), once a cell.
     Runs outside the step timer (its memory and energy do count in the cell's totals: such
     a cell's measurements are not the point); a failure here is recorded, never fatal."""
     from harness import numerics
 
     try:
-        diag = numerics.diagnose(model, ids, autocast, step=step, loss=loss, compute_dtype=out.get("autocast_dtype"))
+        diag = numerics.diagnose(model, batch, autocast, step=step, loss=loss, compute_dtype=out.get("autocast_dtype"))
     except Exception as exc:  # noqa: BLE001 - the diagnosis must not end the cell
         diag = {"step": step, "loss": loss, "message": f"loss became {loss} at step {step} (diagnosis failed: "
                                                         f"{type(exc).__name__}: {exc})"[:500]}

@@ -139,6 +139,7 @@ def test_longer_cells_after_an_oom_are_pruned(tmp_path):
     assert [r["status"] for r in recs] == ["oom", "oom"]
     assert "pruned" not in recs[0] and recs[1]["pruned"] is True
     assert recs[1]["pruned_by"] == "tiny-llama/fp32/s16384/gc-off" and recs[1]["wall_time_s"] == 0.0
+    assert unpruned.returncode == 0, unpruned.stdout[-2000:]
     recs_b = [json.loads(line) for line in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
     assert [r["status"] for r in recs_b] == ["oom", "oom"] and not any(r.get("pruned") for r in recs_b)
     assert recs_b[1]["wall_time_s"] > 0

@@ -58,7 +58,7 @@ def test_nan_weights_are_named_as_a_diverged_update(tiny_path):
     with torch.no_grad():
         target.weight.fill_(math.nan)
     ids = torch.randint(4, 60, (1, 32))
-    d = numerics.diagnose(model, ids, lambda: torch.autocast("cpu", dtype=torch.bfloat16), step=7, loss=math.nan,
+    d = numerics.diagnose(model, {"input_ids": ids, "labels": ids}, lambda: torch.autocast("cpu", dtype=torch.bfloat16), step=7, loss=math.nan,
                           compute_dtype="bfloat16")
     assert d["kind"] == "nan" and d["first_nonfinite"]["module"].endswith("layers.1.self_attn.v_proj.lora_B.default")
     assert d["message"].startswith("NaN at step 7: first produced in model.layers.1.self_attn.v_proj.lora_B.default")
