@@ -250,6 +250,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("lora_cell", cells, ids=[c.cell_id for c in cells])
     # issue 4: compat / stability suites
     s = _session(metafunc.config)
+    marks = {m.name for m in metafunc.definition.iter_markers()} & set(OPT_IN_SUITES)
+    if marks and not marks & _asked_suites(metafunc.config):
+        # Not asked for: pytest_collection_modifyitems deselects it. Build none of its
+        # cells (the matrix's options, e.g. a VLM --model, need not suit that suite).
+        for param in (*SUITE_PARAMS, "compat_group"):
+            if param in metafunc.fixturenames:
+                metafunc.parametrize(param, [None], ids=["not-asked-for"])
+        return
     for param, suite in SUITE_PARAMS.items():
         if param in metafunc.fixturenames:
             cells = list(s.suite_cells(suite))

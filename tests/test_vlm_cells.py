@@ -128,3 +128,14 @@ def test_vlm_option_errors_are_one_line_and_exit_2(args, msg):
     p = _run("-m", "harness", "cells", "--precision", "bf16", "--grad-ckpt", "on", *args)
     assert p.returncode == 2, (args, p.stdout, p.stderr)
     assert p.stderr.startswith("lora-harness: error:") and msg in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_opt_in_suites_do_not_build_cells_for_a_matrix_run():
+    """`pytest suites/ --model tiny-qwen2.5-vl --seq-len 64` collects only the matrix: the
+    compat / stability suites (not asked for) must not try to build their own cells for a
+    model their default lengths do not suit (this once stopped an H200 run at collection)."""
+    proc = _run("-m", "pytest", "suites/", "-p", "no:cacheprovider", "-p", "no:benchmark", "--model", "tiny-qwen2.5-vl",
+                "--seq-len", "64", "--precision", "bf16", "--grad-ckpt", "off", "--collect-only", "-q")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "test_lora_cell[tiny-qwen2.5-vl/bf16/s64/gc-off]" in proc.stdout
+    assert "test_compat" not in proc.stdout and "not-asked-for" not in proc.stdout
