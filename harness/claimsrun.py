@@ -123,15 +123,24 @@ def claim_fits_2048(ctx: ClaimsContext, grad_ckpt: str) -> C.Verdict:
     return C.judge_fits(fits, f"gc-{grad_ckpt}", f"bf16 s{SEQ_LEN} gc-{grad_ckpt} at 24 GiB {evidence}")
 
 
+def _bf16_longest(ctx: ClaimsContext, claim: str, variant: str, grad_ckpt: str):
+    """bf16's longest length at 24 GiB for a claim that builds on it, or the verdict that
+    ends the claim early (skipped without a GPU, error when the search could not answer)."""
+    why = ctx.gpu_reason()
+    if why:
+        return None, C.skipped(claim, variant, why)
+    ans = ctx.search.solve(ctx.row("bf16", grad_ckpt), BUDGET_BYTES)
+    if not ans.measured:
+        return ans, C.Verdict(claim, variant, C.ERROR, f"longest bf16 gc-{grad_ckpt} not measured: {ans.message}")
+    return ans, None
+
+
 def claim_ckpt_extends(ctx: ClaimsContext, grad_ckpt: str) -> C.Verdict:
     """bf16 with ``grad_ckpt`` vs without, at 24 GiB: without fails where with fits longest."""
     variant = f"gc-{grad_ckpt} vs gc-off"
-    why = ctx.gpu_reason()
-    if why:
-        return C.skipped("ckpt-extends", variant, why)
-    ans = ctx.search.solve(ctx.row("bf16", grad_ckpt), BUDGET_BYTES)
-    if not ans.measured:
-        return C.Verdict("ckpt-extends", variant, C.ERROR, f"longest bf16 gc-{grad_ckpt} not measured: {ans.message}")
+    ans, early = _bf16_longest(ctx, "ckpt-extends", variant, grad_ckpt)
+    if early is not None:
+        return early
     if ans.status == "oom":
         return C.judge_extends("ckpt-extends", variant, base_longest=None, base_status="oom", other_fits_beyond=True,
                                probe_len=None, evidence=f"bf16 gc-{grad_ckpt} fits no length at 24 GiB")
@@ -144,12 +153,9 @@ def claim_ckpt_extends(ctx: ClaimsContext, grad_ckpt: str) -> C.Verdict:
 def claim_8bit_extends(ctx: ClaimsContext, grad_ckpt: str = GRAD_CKPT) -> C.Verdict:
     """int8 one grid step past bf16's longest at 24 GiB, same checkpointing."""
     variant = f"gc-{grad_ckpt}"
-    why = ctx.gpu_reason()
-    if why:
-        return C.skipped("8bit-extends", variant, why)
-    ans = ctx.search.solve(ctx.row("bf16", grad_ckpt), BUDGET_BYTES)
-    if not ans.measured:
-        return C.Verdict("8bit-extends", variant, C.ERROR, f"longest bf16 gc-{grad_ckpt} not measured: {ans.message}")
+    ans, early = _bf16_longest(ctx, "8bit-extends", variant, grad_ckpt)
+    if early is not None:
+        return early
     grid = ctx.search.grid(ctx.row("bf16", grad_ckpt))
     probe = grid.lo if ans.status == "oom" else (ans.longest or 0) + grid.granularity
     if ans.status == "at_cap":

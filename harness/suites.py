@@ -94,13 +94,18 @@ def _seq_len(n: int | None, d: SuiteDefaults, gpu: bool, what: str) -> int:
     return n
 
 
+def _suite_basics(v: dict[str, Any], facts: dict[str, Any], suite: str, d: SuiteDefaults) -> tuple[str, int, int]:
+    """A suite's model, step count and length from its --<suite>-* options and defaults."""
+    gpu = _uses_gpu(v, facts)
+    model = v[f"{suite}-model"] or v["model"] or (GPU_SUITE_MODEL if gpu else CPU_SUITE_MODEL)
+    steps = _steps(v[f"{suite}-steps"], d.steps, f"{suite}-steps")
+    return model, steps, _seq_len(v[f"{suite}-seq-len"], d, gpu, f"{suite}-seq-len")
+
+
 def compat_cells(values: dict[str, Any], facts: dict[str, Any]) -> tuple[CellSpec, ...]:
     """Every precision x checkpointing mode (x load path for 16/32-bit), two short steps."""
     v = _values(values)
-    gpu = _uses_gpu(v, facts)
-    model = v["compat-model"] or v["model"] or (GPU_SUITE_MODEL if gpu else CPU_SUITE_MODEL)
-    steps = _steps(v["compat-steps"], COMPAT.steps, "compat-steps")
-    seq = _seq_len(v["compat-seq-len"], COMPAT, gpu, "compat-seq-len")
+    model, steps, seq = _suite_basics(v, facts, "compat", COMPAT)
     loads = split_list(v["compat-load"]) or list(COMPAT_LOADS)
     bad = [x for x in loads if x not in COMPAT_LOADS]
     if bad:
@@ -122,10 +127,7 @@ def compat_cells(values: dict[str, Any], facts: dict[str, Any]) -> tuple[CellSpe
 def stability_cells(values: dict[str, Any], facts: dict[str, Any]) -> tuple[CellSpec, ...]:
     """fp32 (the reference) and every selected precision: same LoRA, seed and checkpoint."""
     v = _values(values)
-    gpu = _uses_gpu(v, facts)
-    model = v["stability-model"] or v["model"] or (GPU_SUITE_MODEL if gpu else CPU_SUITE_MODEL)
-    steps = _steps(v["stability-steps"], STABILITY.steps, "stability-steps")
-    seq = _seq_len(v["stability-seq-len"], STABILITY, gpu, "stability-seq-len")
+    model, steps, seq = _suite_basics(v, facts, "stability", STABILITY)
     precisions = split_list(v["precision"])
     if precisions:
         precisions = ["fp32"] + precisions  # the reference curve every other one is compared with
