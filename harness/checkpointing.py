@@ -18,7 +18,14 @@ Evidence, collected on every step by :class:`Evidence`:
 - bytes of distinct storages the autograd graph saved on the device outside checkpointed
   regions during the first forward pass (a probe on warm-up step 0 only, so measured
   steps carry no hook). Layer inputs kept by non-reentrant checkpointing are held by
-  the checkpoint itself, not saved through autograd, so they are not in this figure.
+  the checkpoint itself, not saved through autograd, so they are not in this figure;
+- bytes of activations that custom autograd functions keep as plain attributes of their
+  context (``ctx.A = A`` instead of ``ctx.save_for_backward(A)``), found by walking the
+  graph after the first forward pass. Checkpointing works through saved-tensor hooks and
+  cannot free such tensors: bitsandbytes' 8-bit matmul keeps its input this way
+  (``MatMul8bitLt``: ``ctx.tensors = (CAt, subA, A)``; on CPU ``MatMul8bitFp``:
+  ``ctx.A``), so with int8 every linear layer's input stays alive through the forward
+  pass although each layer is recomputed in the backward pass.
 """
 
 from __future__ import annotations
@@ -58,6 +65,8 @@ class Evidence:
         self.offloaded_tensors = 0
         self.offloaded_bytes = 0
         self.saved_activation_bytes: int | None = None
+        self.ctx_held_bytes: int | None = None
+        self.ctx_held_by_function: dict[str, dict[str, int]] = {}
         self._handles = []
         for idx, layer in enumerate(self.layers):
             for child in layer.children():
@@ -119,6 +128,49 @@ class Evidence:
 
         return _Probe()
 
+    def probe_ctx_held(self, loss, device: torch.device, model=None) -> None:
+        """Sum the device bytes held as attributes of custom autograd contexts.
+
+        Walks the graph behind ``loss`` (call it between forward and backward). Tensors a
+        custom ``torch.autograd.Function`` stores on ``ctx`` directly live as long as the
+        graph, whatever checkpointing does; parameters, buffers and the offload mode's
+        own host copies are left out.
+        """
+        skip: set[int] = set()
+        if model is not None:
+            for t in itertools.chain(model.parameters(), model.buffers()):
+                skip.add(t.untyped_storage().data_ptr())
+        counted: set[int] = set()
+        by_fn: dict[str, dict[str, int]] = {}
+        total = 0
+        todo = [loss.grad_fn] if loss.grad_fn is not None else []
+        visited: set[int] = set()
+        while todo:
+            node = todo.pop()
+            if node is None or id(node) in visited:
+                continue
+            visited.add(id(node))
+            todo.extend(fn for fn, _ in getattr(node, "next_functions", ()))
+            attrs = getattr(node, "__dict__", None)
+            fwd = getattr(node, "_forward_cls", None)
+            if not attrs or fwd is None or fwd is _OffloadedLayer:
+                continue
+            name = getattr(fwd, "__name__", type(node).__name__)
+            for t in _tensors_in(attrs.values()):
+                if t.device != device:
+                    continue
+                st = t.untyped_storage()
+                ptr = st.data_ptr()
+                if ptr in skip or ptr in counted:
+                    continue
+                counted.add(ptr)
+                total += st.nbytes()
+                entry = by_fn.setdefault(name, {"bytes": 0, "tensors": 0})
+                entry["bytes"] += st.nbytes()
+                entry["tensors"] += 1
+        self.ctx_held_bytes = total
+        self.ctx_held_by_function = by_fn
+
     def to_dict(self, mode: str, steps: int) -> dict[str, Any]:
         return {
             "mode": mode,
@@ -129,6 +181,8 @@ class Evidence:
             "offloaded_tensors": self.offloaded_tensors,
             "offloaded_bytes": self.offloaded_bytes,
             "saved_activation_bytes_step0": self.saved_activation_bytes,
+            "ctx_held_activation_bytes_step0": self.ctx_held_bytes,
+            "ctx_held_by_function": self.ctx_held_by_function or None,
         }
 
 
@@ -155,6 +209,24 @@ def verify(mode: str, ev: dict[str, Any]) -> list[str]:
         if mode == "offload" and ev["offloaded_tensors"] != fwd:
             problems.append(f"{ev['offloaded_tensors']} layer inputs offloaded for {fwd} layer runs")
     return problems
+
+
+def _tensors_in(values, depth: int = 0):
+    for v in values:
+        if torch.is_tensor(v):
+            yield v
+        elif isinstance(v, (tuple, list)) and depth < 2:
+            yield from _tensors_in(v, depth + 1)
+
+
+def ctx_held_warning(mode: str, ev: dict[str, Any]) -> str | None:
+    """A warning when checkpointing is on but custom autograd contexts keep activations."""
+    held = ev.get("ctx_held_activation_bytes_step0")
+    if mode == "off" or not held:
+        return None
+    fns = ", ".join(sorted(ev.get("ctx_held_by_function") or {})) or "custom autograd functions"
+    return (f"{held / 2**20:.1f} MiB of activations held on autograd contexts by {fns} during the forward pass: "
+            f"gc-{mode} cannot free them (they are not saved through saved-tensor hooks)")
 
 
 class _OffloadedLayer(torch.autograd.Function):

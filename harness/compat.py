@@ -44,6 +44,7 @@ class CompatRow:
     layer_recomputes: int | None
     offloaded_bytes: int | None
     saved_activation_bytes_step0: int | None
+    ctx_held_bytes_step0: int | None
     peak_memory_bytes: int | None
     memory_metric: str | None
     torch_peak_allocated_bytes: int | None
@@ -104,6 +105,7 @@ def row_for(rec: dict[str, Any]) -> CompatRow:
         agrees=agrees(bool(pred.get("supported")), outcome), layers=layers_summary(rec.get("loaded_layers")),
         layer_runs_forward=ev.get("layer_runs_forward"), layer_recomputes=ev.get("layer_recomputes"),
         offloaded_bytes=ev.get("offloaded_bytes"), saved_activation_bytes_step0=ev.get("saved_activation_bytes_step0"),
+        ctx_held_bytes_step0=ev.get("ctx_held_activation_bytes_step0"),
         peak_memory_bytes=peak, memory_metric="VRAM" if rec.get("peak_vram_bytes") is not None else "RSS",
         torch_peak_allocated_bytes=rec.get("torch_peak_allocated_bytes"), step_time_s=rec.get("step_time_s"),
     )
@@ -164,6 +166,26 @@ def checkpointing_problems(rows_by_mode: dict[str, CompatRow]) -> list[str]:
     return problems
 
 
+def held_findings(rows: Iterable[CompatRow]) -> list[str]:
+    """Cells with checkpointing on whose activations sit on custom autograd contexts
+    (bitsandbytes' int8 matmul keeps its input as ``ctx`` attributes), which no
+    saved-tensor-hook checkpointing can free."""
+    out = []
+    for r in rows:
+        if r.grad_ckpt != "off" and r.ctx_held_bytes_step0:
+            out.append(f"{r.cell_id}: {_mb(r.ctx_held_bytes_step0)} of layer activations held on autograd "
+                       f"contexts through the forward pass: gc-{r.grad_ckpt} cannot free them")
+    return out
+
+
+def held_markdown(rows: list[CompatRow]) -> list[str]:
+    found = held_findings(rows)
+    out = ["## Activations checkpointing cannot free", ""]
+    out += [f"- {f}" for f in found] if found else ["None: no custom autograd function kept activations on its "
+                                                     "context in a checkpointed cell."]
+    return out + [""]
+
+
 def group_id(model: str, precision: str, load: str) -> str:
     """'tiny-llama/bf16/pretrained': the cells whose checkpointing modes are compared."""
     return f"{model}/{precision}/{load}"
@@ -197,7 +219,7 @@ def loading_markdown(loading: dict[str, Any] | None) -> list[str]:
 
 def markdown(rows: list[CompatRow], host: str = "", loading: dict[str, Any] | None = None) -> str:
     head = ["precision", "ckpt", "load", "device", "predicted", "outcome", "agrees", "layers loaded",
-            "recomputed / forward", "offloaded", "saved act. (step 0)", "peak memory", "torch peak alloc.",
+            "recomputed / forward", "offloaded", "saved act. (step 0)", "held on ctx (step 0)", "peak memory", "torch peak alloc.",
             "step"]
     body = []
     for r in rows:
@@ -206,6 +228,7 @@ def markdown(rows: list[CompatRow], host: str = "", loading: dict[str, Any] | No
                      r.outcome + (f": {r.detail[:80]}" if r.detail else ""), "yes" if r.agrees else "**NO**",
                      r.layers, f"{r.layer_recomputes}/{r.layer_runs_forward}" if r.layer_runs_forward is not None
                      else "-", _mb(r.offloaded_bytes), _mb(r.saved_activation_bytes_step0),
+                     _mb(r.ctx_held_bytes_step0),
                      f"{fmt_gib(r.peak_memory_bytes)} {r.memory_metric}" if r.peak_memory_bytes else "-",
                      fmt_gib(r.torch_peak_allocated_bytes) if r.torch_peak_allocated_bytes else "-",
                      f"{r.step_time_s * 1000:.0f} ms" if r.step_time_s else "-"])
@@ -221,6 +244,7 @@ def markdown(rows: list[CompatRow], host: str = "", loading: dict[str, Any] | No
         probs = checkpointing_problems(group)
         out.append(f"- {key}: " + ("holds" if not probs else "; ".join(probs)))
     out.append("")
+    out += held_markdown(rows)
     out += loading_markdown(loading)
     return "\n".join(out).rstrip() + "\n"
 
@@ -235,6 +259,7 @@ def report(records: Iterable[dict[str, Any]], host: str = "", loading: dict[str,
         "disagreements": [disagreement_text(r) for r in rows if not r.agrees],
         "checkpointing": [{"group": k, "problems": checkpointing_problems(g)}
                           for k, g in checkpointing_groups(rows).items()],
+        "held_on_autograd_ctx": held_findings(rows),
         "markdown": markdown(rows, host, loading),
     }
 

@@ -294,6 +294,8 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
         probe = evidence.probe_saved(device, model) if i == 0 else contextlib.nullcontext()
         with probe, autocast():
             loss = model(**batch).loss
+        if i == 0:
+            evidence.probe_ctx_held(loss, device, model)
         evidence.enter("backward")
         scaler.scale(loss).backward()
         evidence.leave()
@@ -327,6 +329,9 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
     ev["model_training_mode"] = all(layer.training for layer in evidence.layers)
     ev["transformers_gc_enabled"] = checkpointing.transformers_flag(model)
     out["grad_ckpt_evidence"] = ev
+    held = checkpointing.ctx_held_warning(spec.grad_ckpt, ev)
+    if held:
+        out.setdefault("warnings", []).append(held)
     evidence.remove()
     problems = checkpointing.verify(spec.grad_ckpt, ev)
     if lora_params_with_grad != len(trainable):

@@ -83,3 +83,64 @@ def test_fp16_uses_loss_scaling_and_finite_losses(cache):
     assert r["loss_scaling"] is True and r["scaler_skipped_steps"] is not None
     assert r["adapter_dtype"] == "float32" and r["autocast_dtype"] == "float16"
     assert all(math.isfinite(x) for x in r["losses"])
+
+
+def test_int8_keeps_layer_inputs_on_autograd_contexts_that_checkpointing_cannot_free(cache):
+    """bitsandbytes' 8-bit matmul stores its input on ``ctx`` (not save_for_backward):
+    with gc-on every int8 linear's input stays alive through the forward pass. The probe
+    finds exactly those bytes; bf16 / nf4 and the offload mode hold none."""
+    recs = {(p, m): run_cell(_cell(precision=p, grad_ckpt=m, seq_len=32, steps=1, load="pretrained"), cache)
+            for p, m in (("int8", "on"), ("int8", "offload"), ("nf4", "on"), ("bf16", "on"))}
+    for key, r in recs.items():
+        assert r["status"] == "ok", (key, r["error"])
+    held = {k: r["grad_ckpt_evidence"]["ctx_held_activation_bytes_step0"] for k, r in recs.items()}
+    # per decoder layer the inputs of q/k/v (one tensor), o, gate/up (one) and down:
+    # 3 x hidden 128 + intermediate 256, for 32 tokens, in the 2-byte compute dtype, 2 layers
+    assert held[("int8", "on")] == 2 * (3 * 128 + 256) * 32 * 2
+    fns = recs[("int8", "on")]["grad_ckpt_evidence"]["ctx_held_by_function"]
+    assert set(fns) <= {"MatMul8bitFp", "MatMul8bitLt"} and sum(f["tensors"] for f in fns.values()) == 8
+    assert "gc-on cannot free them" in recs[("int8", "on")]["warnings"][0]
+    # the offload mode runs each layer's forward without a graph: nothing is held
+    assert held[("int8", "offload")] == 0 and not recs[("int8", "offload")].get("warnings")
+    assert held[("nf4", "on")] == 0 and held[("bf16", "on")] == 0
+
+
+def test_the_held_bytes_probe_sees_a_custom_function_that_keeps_its_input():
+    import torch
+    from harness.checkpointing import Evidence, ctx_held_warning
+
+    class Keeps(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            ctx.x = x  # the pattern the probe exists for
+            ctx.w = w
+            return x @ w
+
+        @staticmethod
+        def backward(ctx, g):
+            return g @ ctx.w.t(), None
+
+    class Saves(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            ctx.save_for_backward(x, w)
+            return x @ w
+
+        @staticmethod
+        def backward(ctx, g):
+            x, w = ctx.saved_tensors
+            return g @ w.t(), None
+
+    w = torch.nn.Parameter(torch.randn(8, 8), requires_grad=False)
+    model = torch.nn.Module()
+    model.w = w
+    ev = Evidence.__new__(Evidence)
+    x = torch.randn(4, 8, requires_grad=True)
+    y = Keeps.apply(x * 2, w)
+    z = Saves.apply(y, w).sum()
+    ev.probe_ctx_held(z, torch.device("cpu"), model)
+    assert ev.ctx_held_bytes == 4 * 8 * 4  # only Keeps' input; the weight is a parameter
+    assert ev.ctx_held_by_function == {"Keeps": {"bytes": 128, "tensors": 1}}
+    assert ctx_held_warning("off", {"ctx_held_activation_bytes_step0": 128}) is None
+    assert "gc-on" in ctx_held_warning("on", {"ctx_held_activation_bytes_step0": 128,
+                                              "ctx_held_by_function": ev.ctx_held_by_function})

@@ -180,3 +180,24 @@ def test_judge_all_pairs_each_precision_with_its_own_fp32():
     assert [r.verdict for r in results] == ["stable", "unstable", "stable", "stable"]
     data = stability.report(recs)
     assert set(data["curves"]) == {r["cell_id"] for r in recs} and "| other | bf16 |" in data["markdown"]
+
+
+def test_compat_report_names_activations_checkpointing_cannot_free():
+    held = {"MatMul8bitLt": {"bytes": 3 * 2**20, "tensors": 8}}
+    recs = [_rec(mode=m, precision="int8") for m in ("off", "offload")]
+    recs.append(_rec(mode="on", precision="int8"))
+    recs[-1]["grad_ckpt_evidence"].update(ctx_held_activation_bytes_step0=3 * 2**20, ctx_held_by_function=held)
+    recs[0]["grad_ckpt_evidence"]["ctx_held_activation_bytes_step0"] = 3 * 2**20  # gc-off: nothing to free, no finding
+    data = compat.report(recs)
+    assert data["held_on_autograd_ctx"] == [
+        "m/int8/s64/gc-on/compat: 3.00 MiB of layer activations held on autograd contexts through the forward "
+        "pass: gc-on cannot free them"]
+    assert "## Activations checkpointing cannot free" in data["markdown"] and "3.00 MiB" in data["markdown"]
+    assert "None: no custom autograd function" in compat.report(recs[1:2])["markdown"]
+
+
+def test_report_evidence_column_names_held_activations():
+    from harness.report.tables import _evidence
+    ev = {"mode": "on", "layer_recomputes": 4, "layer_runs_forward": 4, "ctx_held_activation_bytes_step0": 3 * 2**30}
+    assert "3.00 GiB of activations held on autograd contexts" in _evidence(ev)
+    assert "held" not in _evidence(dict(ev, mode="off"))

@@ -89,6 +89,9 @@ def _evidence(v: Any) -> str:
     text = f"{v.get('layer_recomputes', '?')} recomputed / {v.get('layer_runs_forward', '?')} layer runs"
     if v.get("offloaded_tensors"):
         text += f", {v['offloaded_tensors']} inputs offloaded ({fmt('offloaded_bytes', v.get('offloaded_bytes'))})"
+    held = v.get("ctx_held_activation_bytes_step0")
+    if held and v.get("mode") != "off":
+        text += f", {fmt('offloaded_bytes', held)} of activations held on autograd contexts (checkpointing cannot free)"
     return text
 
 
