@@ -364,7 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     _cpu_barrier()  # every rank ended ok: leave together
     dist.destroy_process_group()
     _log(rank, "done")
-    return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip the interpreter's teardown: on CPU (gloo, FSDP2) a rank sometimes aborted there
+    # ("terminate called without an active exception", SIGABRT) after its work was done.
+    os._exit(0)
 
 
 if __name__ == "__main__":
