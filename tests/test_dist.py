@@ -78,6 +78,15 @@ def test_capability_rules_for_torchrun_cells():
     assert capability.verdict(ws2.replace(vram_budget_bytes=24 << 30), CPU_FACTS).rule == "dist-budget"
 
 
+def test_an_oom_prunes_longer_cells_of_its_own_world_size_only():
+    from harness.prune import pruned_by
+
+    oom = CellSpec("llama-3.1-70b", "bf16", 512, "on")
+    recs = [{"cell_id": oom.cell_id, "status": "oom", "spec": oom.to_dict()}]
+    assert pruned_by(oom.replace(seq_len=2048), recs)["cell_id"] == oom.cell_id
+    assert pruned_by(oom.replace(seq_len=2048, world_size=2, parallel="fsdp"), recs) is None
+
+
 def test_launch_command_and_environment():
     cmd = dist.torchrun_command(2, "/x/job.json", python="py")
     assert cmd == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
