@@ -246,6 +246,43 @@ def _flash_attn(cell: CellSpec, facts: dict[str, Any]) -> str | None:
     return None
 
 
+# -- issue 8: torchrun cells (world_size > 1) -------------------------------------------
+
+SRC_FSDP2 = "torch.distributed.fsdp.fully_shard (FSDP2): parameters become DTensor shards"
+
+
+def _dist_gpus(cell: CellSpec, facts: dict[str, Any]) -> str | None:
+    if cell.world_size <= 1 or not _gpu(facts):
+        return None
+    gpus = facts.get("gpus") or []
+    if cell.world_size > len(gpus):
+        names = ", ".join(sorted({str(g.get("name")) for g in gpus})) or "none"
+        return (f"world_size {cell.world_size} needs {cell.world_size} GPUs (one rank per GPU); this host has "
+                f"{len(gpus)} ({names})")
+    return None
+
+
+def _dist_budget(cell: CellSpec, facts: dict[str, Any]) -> str | None:
+    if cell.world_size > 1 and cell.vram_budget_bytes is not None:
+        return "a VRAM budget emulates one smaller GPU: it applies to world_size 1 cells only"
+    return None
+
+
+def _fsdp_quantised(cell: CellSpec, facts: dict[str, Any]) -> str | None:
+    if cell.parallel != "fsdp" or not _quantised(cell):
+        return None
+    return (f"{cell.precision} with FSDP is not implemented: fully_shard (FSDP2) turns each parameter into a DTensor "
+            "shard, which drops bitsandbytes' Params4bit / Int8Params and their quantisation state; FSDP1 with "
+            "bnb_4bit_quant_storage equal to the compute dtype is the known route (not built); use --parallel ddp")
+
+
+def _fsdp_load(cell: CellSpec, facts: dict[str, Any]) -> str | None:
+    if cell.parallel != "fsdp" or cell.quantized or cell.resolved_load() != "pretrained":
+        return None
+    return ("FSDP cells build the model from its config on the meta device and initialise each rank's shard; "
+            "loading a checkpoint (load=pretrained, a local model) into FSDP shards is not implemented")
+
+
 RULES: tuple[Rule, ...] = (
     Rule("gpu-present", "--device cuda needs an NVIDIA GPU", _gpu_asked),
     Rule("torch-cuda-build", "--device cuda needs a CUDA build of torch", _torch_cpu_build),
@@ -261,6 +298,10 @@ RULES: tuple[Rule, ...] = (
     Rule("bnb-cpu", "bitsandbytes on CPU needs >= 0.48.0", _bnb_cpu, SRC_BNB_INSTALL),
     Rule("bnb-cc", "LLM.int8() needs cc >= 7.5, 4-bit and 8-bit optimizers cc >= 6.0", _bnb_cc, SRC_BNB_INSTALL),
     Rule("flash-attn2", "flash_attention_2 needs flash-attn and cc >= 8.0", _flash_attn, SRC_FLASH),
+    Rule("dist-gpus", "a cell with world_size N needs N GPUs on a GPU host", _dist_gpus),
+    Rule("dist-budget", "VRAM budgets apply to world_size 1 cells", _dist_budget),
+    Rule("fsdp-quantised", "FSDP cells are 16/32-bit (bitsandbytes layers are not sharded)", _fsdp_quantised, SRC_FSDP2),
+    Rule("fsdp-load", "FSDP cells build from the config (no checkpoint loading)", _fsdp_load, SRC_FSDP2),
 )
 
 

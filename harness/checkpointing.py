@@ -104,6 +104,7 @@ class Evidence:
         seen: set[int] = set()
         if model is not None:
             for t in itertools.chain(model.parameters(), model.buffers()):
+                t = t.to_local() if hasattr(t, "to_local") else t  # issue 8: FSDP2 shards are DTensors
                 seen.add(t.untyped_storage().data_ptr())
 
         def pack(t):
@@ -139,6 +140,7 @@ class Evidence:
         skip: set[int] = set()
         if model is not None:
             for t in itertools.chain(model.parameters(), model.buffers()):
+                t = t.to_local() if hasattr(t, "to_local") else t  # FSDP2 shards are DTensors
                 skip.add(t.untyped_storage().data_ptr())
         counted: set[int] = set()
         by_fn: dict[str, dict[str, int]] = {}
@@ -157,6 +159,7 @@ class Evidence:
                 continue
             name = getattr(fwd, "__name__", type(node).__name__)
             for t in _tensors_in(attrs.values()):
+                t = t.to_local() if hasattr(t, "to_local") else t
                 if t.device != device:
                     continue
                 st = t.untyped_storage()

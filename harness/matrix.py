@@ -6,7 +6,8 @@ Presets (``--matrix``):
 - ``full``: every precision x 256 ... 32768 (powers of two) x every mode.
 
 Cells are ordered model, precision, checkpointing mode, batch size, then sequence length
-ascending, so that a sweep meets the short (cheap) cells of a row before the long ones.
+ascending, so that a sweep meets the short (cheap) cells of a row before the long ones;
+cells of several world sizes (issue 8) follow their one-GPU cell.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from harness.spec import GRAD_CKPT_MODES, PRECISIONS, CellSpec, LoraSpec, SpecError, normalize_grad_ckpt, normalize_precision
+from harness.spec import (GRAD_CKPT_MODES, PARALLEL_STRATEGIES, PRECISIONS, CellSpec, LoraSpec, SpecError,
+                          normalize_grad_ckpt, normalize_precision)
 
 PRESETS: dict[str, dict[str, tuple]] = {
     "smoke": {"precision": PRECISIONS, "seq_len": (64, 256), "grad_ckpt": GRAD_CKPT_MODES},
@@ -58,10 +60,14 @@ class Axes:
     grad_ckpts: tuple[str, ...]
     batch_sizes: tuple[int, ...] = (1,)
     steps: tuple[int, ...] = (5,)
+    # issue 8: torchrun cells. A world size of 1 takes no strategy (one cell, whatever
+    # ``parallels`` holds); each larger one is crossed with every strategy.
+    world_sizes: tuple[int, ...] = (1,)
+    parallels: tuple[str, ...] = ("ddp",)
 
 
 def axes_for(preset: str, *, models: list[str], precision=None, seq_len=None, grad_ckpt=None,
-             batch_size=None, steps=None, default_steps: int = 5) -> Axes:
+             batch_size=None, steps=None, default_steps: int = 5, world_size=None, parallel=None) -> Axes:
     """The preset's axes, with any axis given explicitly replacing the preset's."""
     if preset not in PRESETS:
         raise SpecError(f"unknown matrix preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -71,10 +77,15 @@ def axes_for(preset: str, *, models: list[str], precision=None, seq_len=None, gr
     gcs = [normalize_grad_ckpt(x) for x in split_list(grad_ckpt)] or list(p["grad_ckpt"])
     bss = parse_ints(batch_size, "--batch-size") or [1]
     nsteps = parse_ints(steps, "--steps") or [default_steps]
+    wss = parse_ints(world_size, "--world-size") or [1]  # issue 8
+    pars = [p.lower() for p in split_list(parallel)] or ["ddp"]
+    bad = [p for p in pars if p not in PARALLEL_STRATEGIES]
+    if bad:
+        raise SpecError(f"--parallel: unknown strategy {bad[0]!r}; choose from {', '.join(PARALLEL_STRATEGIES)}")
     if not models:
         raise SpecError("no model given")
     return Axes(tuple(models), tuple(dict.fromkeys(precs)), tuple(sorted(set(lens))), tuple(dict.fromkeys(gcs)),
-                tuple(sorted(set(bss))), tuple(sorted(set(nsteps))))
+                tuple(sorted(set(bss))), tuple(sorted(set(nsteps))), tuple(sorted(set(wss))), tuple(dict.fromkeys(pars)))
 
 
 def expand(axes: Axes, *, model_paths: dict[str, str | None] | None = None, lora: LoraSpec | None = None,
@@ -85,14 +96,18 @@ def expand(axes: Axes, *, model_paths: dict[str, str | None] | None = None, lora
     order_p = {p: i for i, p in enumerate(PRECISIONS)}
     order_g = {g: i for i, g in enumerate(GRAD_CKPT_MODES)}
     tagged = len(axes.steps) > 1  # step count varies: put it in the ids
+    # issue 8: (world size, strategy) pairs; world size 1 once, without a strategy
+    dist = list(dict.fromkeys((w, None if w == 1 else par) for w in axes.world_sizes for par in axes.parallels))
     cells = [
         CellSpec(model=m, precision=p, seq_len=s, grad_ckpt=g, batch_size=b, lora=lora or LoraSpec(),
-                 model_path=model_paths.get(m), steps=n, tag=f"n{n}" if tagged else "", **fixed)
-        for m, p, g, b, n, s in itertools.product(axes.models, axes.precisions, axes.grad_ckpts, axes.batch_sizes,
-                                                  axes.steps, axes.seq_lens)
+                 model_path=model_paths.get(m), steps=n, tag=f"n{n}" if tagged else "", world_size=w, parallel=par,
+                 **fixed)
+        for m, p, g, b, n, s, (w, par) in itertools.product(axes.models, axes.precisions, axes.grad_ckpts,
+                                                            axes.batch_sizes, axes.steps, axes.seq_lens, dist)
     ]
+    # A multi-GPU cell comes right after its one-GPU cell (its scaling efficiency needs it).
     cells.sort(key=lambda c: (axes.models.index(c.model), order_p[c.precision], order_g[c.grad_ckpt], c.batch_size,
-                              c.steps, c.seq_len))
+                              c.steps, c.seq_len, dist.index((c.world_size, c.parallel))))
     ids = [c.cell_id for c in cells]
     if len(set(ids)) != len(ids):  # pragma: no cover - guarded by the id's construction
         raise SpecError("two cells share an id")

@@ -97,6 +97,12 @@ OPTIONS: tuple[Opt, ...] = (
                            "tiny-llama without)"),
     Opt("stability-seq-len", "sequence length of stability cells (default 256 with a GPU, 64 without)", kind="int"),
     Opt("stability-steps", "training steps per stability cell (default 100)", kind="int"),
+    # issue 8: torchrun cells (harness/dist.py launches them, harness/distcell.py is each rank)
+    Opt("world-size", "processes (GPUs) per cell, comma list (default 1); a cell with more than one is launched "
+                      "with torchrun, one rank per GPU (CPU hosts: gloo, one rank per process); its id ends in "
+                      "/ws<N>-<strategy>"),
+    Opt("parallel", "how a cell with --world-size > 1 spreads over its GPUs, comma list: ddp (default; every rank "
+                    "holds the whole model) or fsdp (weights sharded, for a model that does not fit one GPU)"),
 )
 
 
@@ -129,7 +135,8 @@ def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
     refs = [resolve_model(m) for m in models_raw]
     matrix = v["matrix"] or ("default" if gpu else "smoke")
     axes = axes_for(matrix, models=[r.name for r in refs], precision=v["precision"], seq_len=v["seq-len"],
-                    grad_ckpt=v["grad-ckpt"], batch_size=v["batch-size"], steps=v["steps"])
+                    grad_ckpt=v["grad-ckpt"], batch_size=v["batch-size"], steps=v["steps"],
+                    world_size=v["world-size"], parallel=v["parallel"])
     lora_kw = {k: v[n] for k, n in (("rank", "lora-rank"), ("alpha", "lora-alpha"), ("dropout", "lora-dropout"),
                                     ("target_modules", "lora-targets")) if v[n] is not None}
     fixed = {k: v[n] for k, n in (("warmup_steps", "warmup-steps"), ("lr", "lr"), ("optimizer", "optimizer"),

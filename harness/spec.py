@@ -17,6 +17,8 @@ GRAD_CKPT_MODES: tuple[str, ...] = ("off", "on", "offload")
 GRAD_CKPT_ALIASES: dict[str, str] = {"unsloth": "offload", "true": "on", "false": "off"}
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw8bit", "sgd")
 LOAD_MODES: tuple[str, ...] = ("auto", "config", "pretrained")
+# issue 8: how a cell with world_size > 1 spreads over its GPUs (DDP is the default).
+PARALLEL_STRATEGIES: tuple[str, ...] = ("ddp", "fsdp")
 
 
 class SpecError(ValueError):
@@ -96,6 +98,10 @@ class CellSpec:
     # None is the model preset's default (one 448 x 448 image for qwen2.5-vl-7b).
     image_count: int | None = None
     image_size_px: int | None = None
+    # issue 8: processes (GPUs) the cell runs on, launched by torchrun; and how they share
+    # the work: "ddp" (default when world_size > 1) or "fsdp". None when world_size is 1.
+    world_size: int = 1
+    parallel: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", normalize_precision(self.precision))
@@ -118,6 +124,16 @@ class CellSpec:
             raise SpecError(f"image count must be >= 0, got {self.image_count}")
         if self.image_size_px is not None and self.image_size_px < 1:
             raise SpecError(f"image size must be >= 1 pixel, got {self.image_size_px}")
+        if self.world_size < 1:
+            raise SpecError(f"world size must be >= 1, got {self.world_size}")
+        par = str(self.parallel).strip().lower() if self.parallel not in (None, "", "none") else None
+        if self.world_size == 1 and par is not None:
+            raise SpecError(f"parallel strategy {self.parallel!r} needs world_size > 1 (a one-process cell has none)")
+        if self.world_size > 1:
+            par = par or "ddp"
+            if par not in PARALLEL_STRATEGIES:
+                raise SpecError(f"unknown parallel strategy {self.parallel!r}; choose from {', '.join(PARALLEL_STRATEGIES)}")
+        object.__setattr__(self, "parallel", par)
         if not self.model or "/" in self.model:
             raise SpecError(f"model name must be a preset name or a checkpoint's short name, got {self.model!r}")
 
@@ -128,7 +144,8 @@ class CellSpec:
 
         Settings that are constant across a sweep (LoRA rank, steps, optimizer) are not
         in the id; batch size, a forced load path, image count / size and vision LoRA are,
-        when not the default (e.g. ``qwen2.5-vl-7b/bf16/s2048/gc-on/img2/px224``).
+        when not the default (e.g. ``qwen2.5-vl-7b/bf16/s2048/gc-on/img2/px224``); a
+        multi-process cell ends in ``/ws<N>-<ddp|fsdp>``.
         """
         parts = [self.model, self.precision, f"s{self.seq_len}", f"gc-{self.grad_ckpt}"]
         if self.batch_size != 1:
@@ -145,6 +162,8 @@ class CellSpec:
             parts.append(f"px{self.image_size_px}")
         if self.lora.include_vision:
             parts.append("lora-vision")
+        if self.world_size > 1:  # issue 8: e.g. /ws2-ddp
+            parts.append(f"ws{self.world_size}-{self.parallel}")
         if self.tag:
             parts.append(self.tag)
         return "/".join(parts)

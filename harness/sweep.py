@@ -111,6 +111,8 @@ class Sweep:
         elif cause:
             worker = pruned_record(cell, cause)
             extra = {"wall_time_s": 0.0}
+        elif cell.world_size > 1:  # issue 8: torchrun cells, not through the fork server
+            worker, extra = self._run_dist(cell, store)
         else:
             assert self.runner is not None
             log = store.log_path(cell.cell_id)
@@ -123,6 +125,10 @@ class Sweep:
             self._ran += 1
             self._ran_time += outcome.wall_s
         env = self.env or {}
+        if cell.world_size > 1:  # issue 8: against this run's one-GPU cell
+            from harness.dist import scaling_fields
+
+            extra.update(scaling_fields(cell, worker, list(self.done.values()) + self.records))
         extra["prediction"] = prediction.to_dict()
         if suite:
             extra["suite"] = suite
@@ -134,6 +140,19 @@ class Sweep:
         self.records.append(rec)
         self._progress(rec, elapsed=time.monotonic() - t0)
         return rec
+
+    def _run_dist(self, cell: CellSpec, store) -> tuple[dict[str, Any], dict[str, Any]]:
+        """issue 8: one torchrun cell (harness/dist.py); the worker half and the extras."""
+        from harness import dist
+
+        log = store.log_path(cell.cell_id)
+        out = dist.launch(cell, self.config.worker_opts(), timeout_s=self.config.cell_timeout_s, log_path=log,
+                          work_dir=store.dir / "logs")
+        self._ran += 1
+        self._ran_time += out.wall_s
+        return dist.merge_ranks(cell, out, self.config.cell_timeout_s), {
+            "wall_time_s": out.wall_s, "log": os.path.relpath(log, store.dir), "exit_code": out.returncode,
+            "exit_signal": out.signal}
 
     def run_all(self, cells=None) -> list[dict[str, Any]]:
         for cell in cells if cells is not None else self.config.cells:
@@ -152,6 +171,8 @@ class Sweep:
         tps = fmt_rate(rec.get("tokens_per_s")) if rec.get("status") == "ok" else "-"
         line = (f"[{pos}] {rec['cell_id']}: {status_text(rec)}, peak {fmt_gib(mem)} {kind}, "
                 f"{tps} tokens/s ({what}; elapsed {fmt_duration(total_elapsed)}, ETA {fmt_duration(eta)})")
+        if rec.get("scaling_efficiency") is not None:  # issue 8
+            line += f"\n    scaling efficiency {rec['scaling_efficiency']:.0%} vs {rec['scaling_baseline_cell']}"
         if rec.get("status") not in ("ok", "oom") and rec.get("error"):
             line += f"\n    {str(rec['error']).splitlines()[0][:300]}"
         if rec.get("nonfinite_message"):  # a NaN loss is never silent

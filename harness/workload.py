@@ -27,6 +27,7 @@ from harness.precision import (PrecisionProofError, compute_dtype_name, count_la
                                load_kwargs, verify_layers)
 from harness.result import Status, is_oom_message
 from harness.spec import CellSpec
+from harness.models.build import CheckpointTooLarge
 from harness.vram_budget import BudgetUnusable
 
 
@@ -123,9 +124,47 @@ class _Partial(dict):
     """What the cell has measured so far, kept so an OOM or error loses nothing."""
 
 
-def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None) -> dict[str, Any]:
+class CellHooks:
+    """issue 8: the points where one rank of a torchrun cell (``harness.distcell``) differs
+    from a one-process cell. These defaults are what a one-process cell does."""
+
+    nvml_ordinal = 0  # the CUDA device (ordinal as this process sees it) NVML samples
+    diagnose_nonfinite = True  # the diagnosis reruns the model: not under FSDP (collectives)
+
+    def device(self, preference: str):
+        return pick_device(preference)
+
+    def load(self, spec: CellSpec, load_kwargs: dict[str, Any], device, opts: dict[str, Any]):
+        from harness.models.build import load_model
+
+        return load_model(spec, load_kwargs=load_kwargs, device=str(device), cache_dir=opts.get("cache_dir"), log=_log)
+
+    def wrap(self, model, evidence):
+        """The module a step calls (DDP wraps the LoRA model; FSDP shards it in place)."""
+        return model
+
+    def grad_scaler(self, device_type: str, enabled: bool):
+        """fp16 loss scaling (FSDP needs a scaler that agrees on skipped steps across shards)."""
+        import torch
+
+        return torch.amp.GradScaler(device_type, enabled=enabled)
+
+    def batch_spec(self, spec: CellSpec) -> CellSpec:
+        """The spec the step batches are drawn from (a rank's seed differs)."""
+        return spec
+
+    def before_step(self, step: int, sync) -> None:
+        """Right before a step's timer starts."""
+
+    def after_train(self, model, out: dict[str, Any]) -> None:
+        """After the last step, before the proofs."""
+
+
+def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None,
+             hooks: CellHooks | None = None) -> dict[str, Any]:
     """Run one cell in this process; returns the worker half of the result record."""
     opts = opts or {}
+    hooks = hooks or CellHooks()
     spec = CellSpec.from_dict(spec_dict)
     out = _Partial(status=Status.ERROR.value, error=None, losses=[], step_times_s=[], loaded_layers=None,
                    grad_ckpt_evidence=None)
@@ -146,11 +185,11 @@ def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None) -> d
         # NVML's baseline is read before this process initialises CUDA.
         want_cuda = opts.get("device", "auto") != "cpu"
         sampler = MemorySampler(use_nvml=want_cuda, period_s=float(opts.get("nvml_period_s", 0.005)),
-                                nvml_index=nvml_index_for_visible_device(0) if want_cuda else 0)
+                                nvml_index=nvml_index_for_visible_device(hooks.nvml_ordinal) if want_cuda else 0)
         if want_cuda and not sampler.nvml_ok:
             sampler = MemorySampler(use_nvml=False, period_s=sampler.period_s)
         sampler.start()
-        device = pick_device(opts.get("device", "auto"))
+        device = hooks.device(opts.get("device", "auto"))
         if device.type != "cuda" and sampler.nvml_ok:
             sampler.stop()
             sampler = MemorySampler(use_nvml=False, period_s=sampler.period_s).start()
@@ -161,13 +200,13 @@ def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None) -> d
             from harness.vram_budget import BudgetGuard
 
             guard = BudgetGuard(spec.vram_budget_bytes, device, sampler.baseline_vram_bytes,
-                                nvml_index_for_visible_device(0))
+                                nvml_index_for_visible_device(hooks.nvml_ordinal))
             guard.start()
         elif spec.vram_budget_bytes is not None:
             raise Unsupported("a VRAM budget needs a CUDA device; this cell runs on the CPU")
-        _run(spec, opts, device, sampler, out, guard)
+        _run(spec, opts, device, sampler, out, guard, hooks)
         out["status"] = Status.OK.value
-    except (Unsupported, BudgetUnusable) as exc:
+    except (Unsupported, BudgetUnusable, CheckpointTooLarge) as exc:
         out["status"] = Status.UNSUPPORTED.value
         out["error"] = str(exc)
     except (PrecisionProofError, CheckpointProofError) as exc:
@@ -204,7 +243,9 @@ def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None) -> d
 
 
 
-def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, guard=None) -> None:
+def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, guard=None,
+         hooks: CellHooks | None = None) -> None:
+    hooks = hooks or CellHooks()
     import contextlib
 
     import numpy as np
@@ -213,7 +254,6 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
 
     from harness import checkpointing, inputs
     from harness.models import get_preset, lora_exclude, skip_modules, vision_tower
-    from harness.models.build import load_model
     from harness.trackers.timing import StepTimer
 
     try:
@@ -234,7 +274,7 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
     out["phase"] = "load"
     _log(f"loading {spec.model} ({spec.precision}, {spec.resolved_load()}) on {device}")
     kw = load_kwargs(spec.precision, bf16_supported=bf16_ok, skip_modules=skips)
-    model, info = load_model(spec, load_kwargs=kw, device=str(device), cache_dir=opts.get("cache_dir"), log=_log)
+    model, info = hooks.load(spec, kw, device, opts)
     out.update(info)
 
     out["phase"] = "prepare"
@@ -255,6 +295,7 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
     problems = verify_layers(spec.precision, counts, compute_dtype=compute)
     if problems:
         raise PrecisionProofError(f"precision proof failed for {spec.precision}: " + "; ".join(problems))
+    step_model = hooks.wrap(model, evidence)  # issue 8: DDP / FSDP; the model itself otherwise
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     lora_names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -266,7 +307,7 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
     out["adapter_dtype"] = str(trainable[0].dtype).replace("torch.", "")
     opt = _make_optimizer(spec.optimizer, trainable, spec.lr)
     use_scaler = (mode.weight_dtype == "float16") or (mode.quant is not None and compute == "float16")
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    scaler = hooks.grad_scaler(device.type, use_scaler)
     amp_dtype = None if mode.weight_dtype == "float32" else getattr(torch, mode.weight_dtype or compute)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
     out["autocast_dtype"] = str(amp_dtype).replace("torch.", "") if amp_dtype is not None else None
@@ -275,7 +316,7 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
     cfg = model.config
     n_total = spec.warmup_steps + spec.steps
     # The batch builder follows the model's kind (text, or images + text for a VLM).
-    step_inputs = inputs.build(spec, cfg, preset, n_total)
+    step_inputs = inputs.build(hooks.batch_spec(spec), cfg, preset, n_total)
     out.update(step_inputs.info)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     timer = StepTimer(sync)
@@ -289,11 +330,12 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
         if i == spec.warmup_steps:
             sampler.energy_start()
         batch = inputs.to_device(step_inputs.batches[i], device)
+        hooks.before_step(i, sync)
         timer.start()
         evidence.enter("forward")
         probe = evidence.probe_saved(device, model) if i == 0 else contextlib.nullcontext()
         with probe, autocast():
-            loss = model(**batch).loss
+            loss = step_model(**batch).loss
         if i == 0:
             evidence.probe_ctx_held(loss, device, model)
         evidence.enter("backward")
@@ -312,11 +354,12 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
             guard.after_step()
         lv = float(loss.detach().float().item())
         out["losses"].append(lv)
-        if not math.isfinite(lv) and "nonfinite_diagnosis" not in out:
+        if not math.isfinite(lv) and "nonfinite_diagnosis" not in out and hooks.diagnose_nonfinite:
             _diagnose_nonfinite(model, batch, autocast, i, lv, out)
         _log(f"step {i + 1}/{n_total}{' (warm-up)' if i < spec.warmup_steps else ''}: loss {lv:.4f}, {dt * 1000:.1f} ms")
     sync()
     sampler.energy_stop()
+    hooks.after_train(model, out)
     out["phase"] = "verify"
     out["step_times_s"] = timer.times[spec.warmup_steps:]
     out["warmup_step_times_s"] = timer.times[: spec.warmup_steps]

@@ -24,6 +24,12 @@ CACHE_ENV = "LORA_HARNESS_CACHE"
 # Weights of synthetic checkpoints are drawn from this seed, whatever the cell's seed, so
 # all cells of a preset (and all precisions) share the same base weights.
 CHECKPOINT_SEED = 1234
+# issue 8: free disk space a synthetic checkpoint needs beyond its own size
+CHECKPOINT_DISK_MARGIN_BYTES = 2 << 30
+
+
+class CheckpointTooLarge(RuntimeError):
+    """The synthetic checkpoint would not fit the cache folder's disk (the cell is unsupported there)."""
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -95,6 +101,30 @@ def checkpoint_dir(preset: dict[str, Any], cache_dir: str | None = None) -> Path
     return cache_root(cache_dir) / "checkpoints" / f"{preset['name']}-{key}"
 
 
+def parameter_count(preset: dict[str, Any]) -> int:
+    """Parameters of the preset's model, counted on the meta device (no memory, ~1 s for 70B)."""
+    import torch
+
+    config = make_config(preset)
+    with torch.device("meta"):
+        model = _model_class(config).from_config(config, dtype=torch.bfloat16)
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def check_disk_for_checkpoint(preset: dict[str, Any], folder: Path) -> int:
+    """Raise CheckpointTooLarge when the bf16 checkpoint (2 bytes a parameter) would not fit
+    the disk holding ``folder`` (issue 8: Llama-3.1-70B is ~141 GB; the H200 hosts have
+    64-128 GiB of disk). Returns the checkpoint's size in bytes."""
+    size = 2 * parameter_count(preset)
+    free = shutil.disk_usage(folder).free
+    if size + CHECKPOINT_DISK_MARGIN_BYTES > free:
+        raise CheckpointTooLarge(
+            f"the synthetic bf16 checkpoint of {preset['name']} ({size / 1e9:.0f} GB) does not fit the free disk space "
+            f"of {folder} ({free / 1e9:.0f} GB free): quantised cells of this model load through from_pretrained "
+            "and cannot run on this host (16-bit cells build from the config and need no checkpoint)")
+    return size
+
+
 def ensure_checkpoint(preset: dict[str, Any], *, device: str, cache_dir: str | None = None, log=print) -> Path:
     """The synthetic checkpoint for ``preset``, written on first use (bf16 safetensors).
 
@@ -107,6 +137,7 @@ def ensure_checkpoint(preset: dict[str, Any], *, device: str, cache_dir: str | N
     if (final / "config.json").is_file() and (final / ".complete").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
+    check_disk_for_checkpoint(preset, final.parent)  # issue 8: fail clearly, not with ENOSPC mid-write
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     t0 = time.perf_counter()
     log(f"writing synthetic checkpoint for {preset['name']} to {final} (once)")
