@@ -86,6 +86,10 @@ def cmd_run(ns) -> int:
     cfg, facts = _config(ns)
     baseline = _baseline_check(cfg)  # issue 3: checked before anything runs
     where = facts["gpu_name"] if facts["has_gpu"] and cfg.device != "cpu" else "CPU (no GPU found)" if not facts["has_gpu"] else "CPU (--device cpu)"
+    if cfg.gpus:  # issue 8: one worker server pinned to each GPU, cells in parallel
+        from harness.pool import ParallelSweep as Sweep  # noqa: F811
+
+        where = ", ".join(f"{g.label} ({g.name})" for g in cfg.gpus)
     print(f"lora-harness: {len(cfg.cells)} cells, {cfg.matrix} matrix, on {where}", flush=True)
     sweep = Sweep(cfg, facts, command="lora-harness " + " ".join(sys.argv[1:]))
     try:
@@ -187,6 +191,10 @@ def cmd_show(ns) -> int:
     if not recs:
         raise CliError(f"{d}/results.jsonl holds no records")
     print(format_table(SUMMARY_HEADERS, summary_rows(recs)))
+    from harness.throughput import describe  # issue 8: cells per hour
+
+    for line in describe(d):
+        print(line)
     return 0
 
 
