@@ -29,7 +29,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add the subcommands to the CLI's parser, each with its ``handler``."""
     rep = sub.add_parser("report", help="charts, report.md and report.html of run folders",
                          description="Write charts (PNG, SVG), report.md and a self-contained report.html.")
-    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folder(s) (or results.jsonl files)")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                     help="run folder(s) (or results.jsonl files); a folder of run folders or a quoted glob "
+                          "('/shared/lora-runs/*') reads every run in it")
     rep.add_argument("--out", help="folder for the report (default: the run folder; required for several runs)")
     cmp = sub.add_parser("compare", help="compare a run with a baseline; exit 1 on regression",
                          description="Compare CURRENT with BASELINE (several baseline folders pool their "
@@ -40,6 +42,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                           "tokens_per_s:-5%% peak_vram_bytes:+3%% mfu:-0.02 (default: tokens_per_s:-5%%, "
                           "peak_vram_bytes:+3%%)")
     cmp.add_argument("--fail-missing", action="store_true", help="count baseline cells missing from CURRENT as regressions")
+    cmp.add_argument("--across-gpus", action="store_true",
+                     help="also compare a cell measured on different GPU models (default: same GPU model only)")
     cmp.add_argument("--out", help="markdown report path (default: CURRENT/compare.md)")
     rep.set_defaults(handler=cmd_report)
     cmp.set_defaults(handler=cmd_compare)
@@ -68,7 +72,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     if len(ns.runs) < 2:
         return _error("compare needs a BASELINE and a CURRENT run folder")
     try:
-        chk = prepare(ns.runs[:-1], ns.fail, fail_missing=ns.fail_missing)
+        chk = prepare(ns.runs[:-1], ns.fail, fail_missing=ns.fail_missing, across_gpus=ns.across_gpus)
         out = check(chk, ns.runs[-1:], out=ns.out)
     except (CompareError, RunLoadError) as exc:
         return _error(str(exc))
