@@ -57,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="summary table of a run folder")
     show.add_argument("run_dir")
     cli_report.add_commands(sub)  # issue 3: report, compare (each sets its handler)
+    cli_report.add_scale_commands(sub)  # issue 8: agree (serial vs parallel runs)
     # issue 5: fit
     fit = sub.add_parser("fit", help="longest trainable context per VRAM budget, by real cells under emulated budgets")
     _add_sweep_options(fit)
