@@ -322,7 +322,7 @@ def pytest_runtestloop(session: pytest.Session) -> None:
     each test then reports its cell's record (harness.pool; NOTES.md says why not xdist).
     Returns None, so pytest's own loop then runs the tests as usual."""
     s = _session(session.config)
-    if session.config.option.collectonly or session.testsfailed or not s.cfg.gpus:
+    if not session.config.getoption("lh_gpus") or session.config.option.collectonly or session.testsfailed:
         return None
     jobs = []
     for item in session.items:
