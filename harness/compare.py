@@ -245,13 +245,14 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame, thresholds: Sequence[
     check_metrics(thresholds, baseline, current)
     b_models = sorted(set(baseline.get("gpu_model", pd.Series(dtype=object)).dropna().astype(str)))
     c_models = sorted(set(current.get("gpu_model", pd.Series(dtype=object)).dropna().astype(str)))
+    shared_ids = set(baseline["cell_id"]) & set(current["cell_id"])  # whatever the GPU model
     if not across_gpus:
         baseline, current, _ = by_gpu_model(baseline, current)
     b_ids, c_ids = set(baseline["cell_id"]), set(current["cell_id"])
     # the current run's file order is the matrix's order: report cells in it
     common = [c for c in dict.fromkeys(current["cell_id"]) if c in b_ids]
     if not common:
-        if not across_gpus and b_models and c_models and not set(b_models) & set(c_models):
+        if not across_gpus and shared_ids:
             raise CompareError(f"the baseline ran on {', '.join(b_models)} and the current run on "
                                f"{', '.join(c_models)}: cells are compared on the same GPU model only "
                                "(--across-gpus compares them anyway)")
