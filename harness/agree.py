@@ -90,7 +90,7 @@ def agreement(a: pd.DataFrame, b: pd.DataFrame, tolerances: dict[str, float] | N
     judged on each metric of ``tolerances`` that either run holds."""
     tol = dict(DEFAULT_TOLERANCES, **(tolerances or {}))
     ka, kb = _keyed(a), _keyed(b)
-    common = [k for k in kb if k in ka]
+    common = [k for k in ka if k in kb]  # the first run's order (a serial run's: the matrix's)
     if not common:
         raise AgreeError(f"no cell is ok in both runs on the same GPU model ({len(ka)} and {len(kb)} ok cells)")
     metrics = [m for m in tol if m in a.columns and m in b.columns and (a[m].notna().any() or b[m].notna().any())]
