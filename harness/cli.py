@@ -9,6 +9,7 @@ pytest plugin uses. User errors end in one line on stderr and exit code 2.
     lora-harness compare BASE CUR  regression check against a baseline (harness.cli_report)
     lora-harness fit [options]     longest trainable context per VRAM budget (harness.fitcli)
     lora-harness tables RUN_DIR    the compatibility and stability tables of a run folder
+    lora-harness agree RUN_A RUN_B do two runs of the same cells agree (issue 8; harness.cli_report)
 """
 
 from __future__ import annotations
