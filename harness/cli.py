@@ -9,6 +9,7 @@ pytest plugin uses. User errors end in one line on stderr and exit code 2.
     lora-harness compare BASE CUR  regression check against a baseline (harness.cli_report)
     lora-harness fit [options]     longest trainable context per VRAM budget (harness.fitcli)
     lora-harness tables RUN_DIR    the compatibility and stability tables of a run folder
+    lora-harness agree RUN_A RUN_B do two runs of the same cells agree (issue 8; harness.cli_report)
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="summary table of a run folder")
     show.add_argument("run_dir")
     cli_report.add_commands(sub)  # issue 3: report, compare (each sets its handler)
+    cli_report.add_scale_commands(sub)  # issue 8: agree (serial vs parallel runs)
     # issue 5: fit
     fit = sub.add_parser("fit", help="longest trainable context per VRAM budget, by real cells under emulated budgets")
     _add_sweep_options(fit)
@@ -86,6 +88,10 @@ def cmd_run(ns) -> int:
     cfg, facts = _config(ns)
     baseline = _baseline_check(cfg)  # issue 3: checked before anything runs
     where = facts["gpu_name"] if facts["has_gpu"] and cfg.device != "cpu" else "CPU (no GPU found)" if not facts["has_gpu"] else "CPU (--device cpu)"
+    if cfg.gpus:  # issue 8: one worker server pinned to each GPU, cells in parallel
+        from harness.pool import ParallelSweep as Sweep  # noqa: F811
+
+        where = ", ".join(f"{g.label} ({g.name})" for g in cfg.gpus)
     print(f"lora-harness: {len(cfg.cells)} cells, {cfg.matrix} matrix, on {where}", flush=True)
     sweep = Sweep(cfg, facts, command="lora-harness " + " ".join(sys.argv[1:]))
     try:
@@ -187,6 +193,10 @@ def cmd_show(ns) -> int:
     if not recs:
         raise CliError(f"{d}/results.jsonl holds no records")
     print(format_table(SUMMARY_HEADERS, summary_rows(recs)))
+    from harness.throughput import describe  # issue 8: cells per hour
+
+    for line in describe(d):
+        print(line)
     return 0
 
 

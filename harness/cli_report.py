@@ -29,7 +29,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add the subcommands to the CLI's parser, each with its ``handler``."""
     rep = sub.add_parser("report", help="charts, report.md and report.html of run folders",
                          description="Write charts (PNG, SVG), report.md and a self-contained report.html.")
-    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folder(s) (or results.jsonl files)")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                     help="run folder(s) (or results.jsonl files); a folder of run folders or a quoted glob "
+                          "('/shared/lora-runs/*') reads every run in it")
     rep.add_argument("--out", help="folder for the report (default: the run folder; required for several runs)")
     cmp = sub.add_parser("compare", help="compare a run with a baseline; exit 1 on regression",
                          description="Compare CURRENT with BASELINE (several baseline folders pool their "
@@ -40,6 +42,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                           "tokens_per_s:-5%% peak_vram_bytes:+3%% mfu:-0.02 (default: tokens_per_s:-5%%, "
                           "peak_vram_bytes:+3%%)")
     cmp.add_argument("--fail-missing", action="store_true", help="count baseline cells missing from CURRENT as regressions")
+    cmp.add_argument("--across-gpus", action="store_true",
+                     help="also compare a cell measured on different GPU models (default: same GPU model only)")
     cmp.add_argument("--out", help="markdown report path (default: CURRENT/compare.md)")
     rep.set_defaults(handler=cmd_report)
     cmp.set_defaults(handler=cmd_compare)
@@ -68,7 +72,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     if len(ns.runs) < 2:
         return _error("compare needs a BASELINE and a CURRENT run folder")
     try:
-        chk = prepare(ns.runs[:-1], ns.fail, fail_missing=ns.fail_missing)
+        chk = prepare(ns.runs[:-1], ns.fail, fail_missing=ns.fail_missing, across_gpus=ns.across_gpus)
         out = check(chk, ns.runs[-1:], out=ns.out)
     except (CompareError, RunLoadError) as exc:
         return _error(str(exc))
@@ -78,3 +82,59 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         print(line)
     print(f"report: {out.report}")
     return 1 if out.regressed else 0
+
+
+# -- issue 8: serial vs parallel ---------------------------------------------------------
+def add_scale_commands(sub: argparse._SubParsersAction) -> None:
+    agree = sub.add_parser("agree", help="do two runs of the same cells agree (e.g. serial vs --gpus 0,1)?",
+                           description="Put each cell's tokens/s and peak memory from RUN_A and RUN_B side by side "
+                                       "(same cell, same GPU model), with the relative difference and a verdict, and "
+                                       "both runs' cells per hour. Exit 0: every compared metric agrees, 1: some "
+                                       "differ, 2: unusable input.")
+    agree.add_argument("run_a", metavar="RUN_A", help="first run folder (e.g. the serial run)")
+    agree.add_argument("run_b", metavar="RUN_B", help="second run folder (e.g. the parallel run)")
+    agree.add_argument("--tolerance", action="append", metavar="METRIC:N%",
+                       help="largest relative difference that still agrees, repeatable or comma list (default "
+                            "tokens_per_s:5%%, memory_bytes:3%%, torch_peak_allocated_bytes:1%%); values inside "
+                            "the other run's per-step spread agree too")
+    agree.add_argument("--out", help="also write the table as markdown to this file")
+    agree.set_defaults(handler=cmd_agree)
+
+
+def agree_text(run_a: str, run_b: str, tolerance=None) -> tuple[str, bool]:
+    """The agreement report (markdown) and whether every compared metric agrees."""
+    from harness import agree as A
+    from harness import throughput
+    from harness.report.load import load_run_set
+    from harness.tables import markdown_table
+
+    tol = A.parse_tolerances(tolerance)
+    a, b = load_run_set([run_a]), load_run_set([run_b])
+    results = A.agreement(a.records, b.records, tol)
+    ta, tb = throughput.of_run(a.runs[0].path), throughput.of_run(b.runs[0].path)
+    lines = [f"A: {a.runs[0].run_id} ({a.runs[0].path}); {throughput.line(ta)}",
+             f"B: {b.runs[0].run_id} ({b.runs[0].path}); {throughput.line(tb)}"]
+    if ta and tb and ta.get("cells_per_hour") and tb.get("cells_per_hour"):
+        lines.append(f"B runs {tb['cells_per_hour'] / ta['cells_per_hour']:.2f}x the cells per hour of A")
+    heads, rows = A.table(results)
+    text = "\n".join(["# Do the runs agree?", "", *[f"- {x}" for x in lines], "",
+                      *[f"- {x}" for x in A.summary(results, tol)], "", markdown_table(heads, rows), ""])
+    return text, all(r.verdict != "differ" for r in results)
+
+
+def cmd_agree(ns: argparse.Namespace) -> int:
+    from harness.agree import AgreeError
+    from harness.report.load import RunLoadError
+
+    try:
+        text, ok = agree_text(ns.run_a, ns.run_b, ns.tolerance)
+    except (AgreeError, RunLoadError) as exc:
+        return _error(str(exc))
+    print(text)
+    if ns.out:
+        try:
+            with open(ns.out, "w") as f:
+                f.write(text)
+        except OSError as exc:
+            return _error(f"cannot write {ns.out}: {exc.strerror or exc}")
+    return 0 if ok else 1

@@ -217,19 +217,53 @@ def status_verdict(cell_id: str, before: str, after: str) -> CellVerdict | None:
     return CellVerdict(cell_id, "status", before, after, verdict)
 
 
+def by_gpu_model(baseline: pd.DataFrame, current: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """issue 8: a cell is compared only with the same cell on the same GPU model. Where
+    the two sides hold more than one GPU model, each record's cell id gets its model
+    (``llama-3.1-8b/bf16/s2048/gc-off @ NVIDIA H200``), so cells measured on different
+    GPU models never match; returns the frames and the models of each side."""
+    def models(f: pd.DataFrame) -> list[str]:
+        col = f["gpu_model"] if "gpu_model" in f.columns else pd.Series("?", index=f.index)
+        return sorted(set(col.fillna("?").astype(str)))
+
+    b_models, c_models = models(baseline), models(current)
+    if len(set(b_models) | set(c_models)) <= 1:
+        return baseline, current, b_models
+
+    def keyed(f: pd.DataFrame) -> pd.DataFrame:
+        col = f["gpu_model"] if "gpu_model" in f.columns else pd.Series("?", index=f.index)
+        return f.assign(cell_id=f["cell_id"].astype(str) + " @ " + col.fillna("?").astype(str))
+
+    return keyed(baseline), keyed(current), b_models
+
+
 def compare(baseline: pd.DataFrame, current: pd.DataFrame, thresholds: Sequence[Threshold], *,
-            fail_missing: bool = False) -> Comparison:
+            fail_missing: bool = False, across_gpus: bool = False) -> Comparison:
     """Judge every cell of ``current`` against ``baseline`` (frames of every record, as
-    ``harness.report.load.load_run_set(...).records``)."""
+    ``harness.report.load.load_run_set(...).records``). Cells are matched on the same GPU
+    model only unless ``across_gpus`` (issue 8)."""
     check_metrics(thresholds, baseline, current)
+    b_models = sorted(set(baseline.get("gpu_model", pd.Series(dtype=object)).dropna().astype(str)))
+    c_models = sorted(set(current.get("gpu_model", pd.Series(dtype=object)).dropna().astype(str)))
+    shared_ids = set(baseline["cell_id"]) & set(current["cell_id"])  # whatever the GPU model
+    if not across_gpus:
+        baseline, current, _ = by_gpu_model(baseline, current)
     b_ids, c_ids = set(baseline["cell_id"]), set(current["cell_id"])
     # the current run's file order is the matrix's order: report cells in it
     common = [c for c in dict.fromkeys(current["cell_id"]) if c in b_ids]
     if not common:
+        if not across_gpus and shared_ids:
+            raise CompareError(f"the baseline ran on {', '.join(b_models)} and the current run on "
+                               f"{', '.join(c_models)}: cells are compared on the same GPU model only "
+                               "(--across-gpus compares them anyway)")
         raise CompareError(f"no cell in common between the baseline ({len(b_ids)} cells, e.g. {min(b_ids)}) and "
                            f"the current run ({len(c_ids)} cells, e.g. {min(c_ids)})")
     notes: list[str] = []
-    b_dev, c_dev = sorted(set(baseline["device_label"].astype(str))), sorted(set(current["device_label"].astype(str)))
+    if not across_gpus and len(set(b_models) | set(c_models)) > 1:
+        notes.append(f"GPU models: baseline {', '.join(b_models)}; current {', '.join(c_models)}: each cell is "
+                     "compared with the same cell on the same GPU model only (ids carry the model)")
+    b_dev = sorted(set(baseline[baseline["cell_id"].isin(common)]["device_label"].astype(str)))
+    c_dev = sorted(set(current[current["cell_id"].isin(common)]["device_label"].astype(str)))
     if b_dev != c_dev:
         notes.append(f"the baseline ran on {', '.join(b_dev)} and the current run on {', '.join(c_dev)}: "
                      "differences include the hardware")

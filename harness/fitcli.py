@@ -35,6 +35,9 @@ def cmd_fit(values: dict[str, Any], facts: dict[str, Any], *, dry_run: bool, com
     from harness.options import build_config
 
     cfg = build_config(values, facts)
+    if cfg.gpus:  # issue 8: the pool runs matrices; a search decides its next cell from the last one
+        raise FitUsageError("fit runs its search on one GPU; --gpus is for run and the matrix suites "
+                            "(pin a search with CUDA_VISIBLE_DEVICES=<index>)")
     use_gpu = bool(facts.get("has_gpu")) and cfg.device != "cpu"
     if not dry_run and facts.get("has_gpu") and not use_gpu:
         raise FitUsageError("fit runs cells under VRAM budgets on the GPU; --device cpu cannot (try --dry-run)")

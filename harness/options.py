@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.budget import apply_vram_budgets
+from harness.gpus import parse_gpus
 from harness.matrix import PRESETS, axes_for, expand, split_list
 from harness.models import check_cell, resolve_model
 from harness.spec import CellSpec, LoraSpec, SpecError
@@ -103,6 +104,11 @@ OPTIONS: tuple[Opt, ...] = (
                       "/ws<N>-<strategy>"),
     Opt("parallel", "how a cell with --world-size > 1 spreads over its GPUs, comma list: ddp (default; every rank "
                     "holds the whole model) or fsdp (weights sharded, for a model that does not fit one GPU)"),
+    # issue 8: cells in parallel, one worker server pinned to each GPU (harness/gpus.py, harness/pool.py)
+    Opt("gpus", "run cells in parallel, one at a time per GPU, each worker pinned to its GPU: NVML indexes as "
+                "nvidia-smi shows them (0,1) or all (default: serial on the first visible GPU)"),
+    Opt("baseline-across-gpus", "--baseline: also compare cells measured on different GPU models (default: a "
+                                "cell is compared only with the same cell on the same GPU model)", kind="flag"),
 )
 
 
@@ -119,6 +125,7 @@ class SweepConfig:
     nvml_period_s: float = 0.005
     prune: bool = True
     options: dict[str, Any] = field(default_factory=dict)
+    gpus: tuple = ()  # issue 8: harness.gpus.GpuSlot per --gpus entry; () = serial, as before
 
     def worker_opts(self) -> dict[str, Any]:
         return {"device": self.device, "cache_dir": self.cache_dir, "nvml_period_s": self.nvml_period_s}
@@ -157,4 +164,5 @@ def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
     return SweepConfig(cells=tuple(cells), matrix=matrix, device=device, run_dir=v["run-dir"],
                        resume=bool(v["resume"]), fail_on_oom=bool(v["fail-on-oom"]), cell_timeout_s=float(timeout),
                        cache_dir=v["cache-dir"], nvml_period_s=period_ms / 1000.0, prune=not v["no-prune"],
-                       options={k: val for k, val in v.items() if val not in (None, False)})
+                       options={k: val for k, val in v.items() if val not in (None, False)},
+                       gpus=parse_gpus(v["gpus"], facts, device))  # issue 8

@@ -28,7 +28,8 @@ _KEY = pytest.StashKey["HarnessSession"]() if hasattr(pytest, "StashKey") else N
 
 BENCHMARK_FIELDS = ("cell_id", "status", "error", "tokens_per_s", "step_time_s", "step_time_p90_s", "peak_vram_bytes",
                     "peak_vram_over_baseline_bytes", "peak_rss_bytes", "torch_peak_allocated_bytes",
-                    "torch_peak_reserved_bytes", "mfu", "energy_per_token_j", "device_name")
+                    "torch_peak_reserved_bytes", "mfu", "energy_per_token_j", "device_name",
+                    "wall_time_s", "gpu_index")  # issue 8: with --gpus the round times a lookup; the cell's own time
 
 
 class HarnessSession:
@@ -82,6 +83,8 @@ class HarnessSession:
 
             import sys
 
+            if self.cfg.gpus:  # issue 8: one worker server pinned to each GPU (harness.pool)
+                from harness.pool import ParallelSweep as Sweep  # noqa: F811
             self.sweep = Sweep(self.cfg, self.facts, command="pytest " + " ".join(sys.argv[1:]), out=self._out,
                                total=self.n_items or None)
             try:
@@ -311,6 +314,31 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         if suite_items:
             what.append(f"{len(suite_items)} compatibility / stability cells")
         s._out(f"lora-harness: {'; '.join(what)}; run folder {sweep.store.dir}{' (resuming)' if cfg.resume else ''}")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> None:
+    """issue 8: with --gpus, run the selected cells over the GPUs before the first test;
+    each test then reports its cell's record (harness.pool; NOTES.md says why not xdist).
+    Returns None, so pytest's own loop then runs the tests as usual."""
+    s = _session(session.config)
+    if not session.config.getoption("lh_gpus") or session.config.option.collectonly or session.testsfailed:
+        return None
+    jobs = []
+    for item in session.items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if isinstance(params.get("lora_cell"), CellSpec):
+            jobs.append((params["lora_cell"], None, False))
+        for param, suite in SUITE_PARAMS.items():
+            if isinstance(params.get(param), CellSpec):
+                jobs.append((params[param], suite, suite == "compat"))
+    if jobs:
+        sweep = s.get_sweep()
+        recs = sweep.prerun(jobs)
+        for cell, suite, _ in jobs:
+            if suite and cell.cell_id in recs:
+                s.suite_records.setdefault(cell.cell_id, recs[cell.cell_id])
+    return None
 
 
 @pytest.fixture(scope="session")

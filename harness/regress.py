@@ -30,6 +30,7 @@ class BaselineCheck:
     thresholds: tuple[Threshold, ...]
     baseline: RunSet
     fail_missing: bool = False
+    across_gpus: bool = False  # issue 8: compare cells measured on different GPU models too
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,7 +52,7 @@ def split_paths(value: str | Sequence[str]) -> list[str]:
 
 
 def prepare(baseline: str | Sequence[str], fail: str | Sequence[str] | None = None, *,
-            fail_missing: bool = False) -> BaselineCheck:
+            fail_missing: bool = False, across_gpus: bool = False) -> BaselineCheck:
     """Load the baseline and parse the thresholds now, before anything runs: a typo in
     either should cost seconds, not a whole sweep."""
     paths = split_paths(baseline)
@@ -66,7 +67,7 @@ def prepare(baseline: str | Sequence[str], fail: str | Sequence[str] | None = No
         raise BaselineError(str(exc)) from None
     if not thresholds:
         raise BaselineError("no threshold given")
-    return BaselineCheck(tuple(paths), thresholds, base, fail_missing)
+    return BaselineCheck(tuple(paths), thresholds, base, fail_missing, across_gpus)
 
 
 def label(rs: RunSet) -> str:
@@ -90,7 +91,8 @@ def check(chk: BaselineCheck, current: str | Sequence[str], *, out: str | os.Pat
         records = records[records["cell_id"].isin(set(only_cells))]
         if records.empty:
             raise BaselineError("this session recorded no cell to compare")
-    cmp = compare(chk.baseline.records, records, chk.thresholds, fail_missing=chk.fail_missing)
+    cmp = compare(chk.baseline.records, records, chk.thresholds, fail_missing=chk.fail_missing,
+                  across_gpus=chk.across_gpus)
     warnings = tuple(f"baseline: {w}" for w in chk.baseline.warnings) + tuple(f"current: {w}" for w in cur.warnings)
     text = to_markdown(cmp, label(chk.baseline), label(cur), warnings)
     target = Path(out) if out else Path(cur.runs[0].path) / REPORT_NAME
@@ -107,7 +109,8 @@ def from_options(options: dict) -> BaselineCheck | None:
     """The sweep options' ``--baseline`` / ``--baseline-fail``, prepared; None without."""
     if not options.get("baseline"):
         return None
-    return prepare(options["baseline"], options.get("baseline-fail"))
+    return prepare(options["baseline"], options.get("baseline-fail"),
+                   across_gpus=bool(options.get("baseline-across-gpus")))
 
 
 @dataclass(frozen=True)

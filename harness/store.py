@@ -9,9 +9,11 @@ and reports.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -45,7 +47,7 @@ class RunStore:
         self.dir = Path(run_dir)
         try:
             (self.dir / "logs").mkdir(parents=True, exist_ok=True)
-            probe = self.dir / ".write-test"
+            probe = self.dir / f".write-test-{os.getpid()}-{threading.get_ident()}"
             probe.write_text("")
             probe.unlink()
         except OSError as exc:
@@ -71,7 +73,7 @@ class RunStore:
 
     def write_json(self, name: str, data: dict[str, Any]) -> Path:
         path = self.dir / name
-        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp = path.with_suffix(path.suffix + f".tmp-{os.getpid()}-{threading.get_ident()}")
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
         os.replace(tmp, path)
         return path
@@ -83,18 +85,27 @@ class RunStore:
         return json.loads(path.read_text())
 
     def append(self, record: dict[str, Any]) -> None:
-        """Append one record as a single write, flushed and fsynced before returning."""
-        line = dumps(record) + "\n"
-        # A run killed mid-write leaves a partial last line; start ours on a fresh line.
-        needs_newline = False
-        if self.results_path.exists() and self.results_path.stat().st_size:
-            with open(self.results_path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                needs_newline = f.read(1) != b"\n"
-        with open(self.results_path, "a") as f:
-            f.write(("\n" if needs_newline else "") + line)
-            f.flush()
-            os.fsync(f.fileno())
+        """Append one record as a single write, flushed and fsynced before returning.
+
+        Safe with several writers (threads, or processes sharing the folder): the line
+        goes out in one ``os.write`` on an O_APPEND descriptor while an exclusive
+        ``flock`` is held, so lines never interleave and the fresh-line check below sees
+        the file as the last writer left it.
+        """
+        data = (dumps(record) + "\n").encode()
+        fd = os.open(self.results_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            # A run killed mid-write leaves a partial last line; start ours on a fresh line.
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)  # releases the lock
 
     def records(self) -> list[dict[str, Any]]:
         return load_records(self.results_path) if self.results_path.exists() else []

@@ -51,7 +51,7 @@ class Sweep:
         if self.runner is not None:
             return
         store = self.open_store()
-        self.runner = ForkServerRunner(store.dir / "logs")
+        self.runner = self._new_runner(store.dir / "logs")
         t0 = time.monotonic()
         ready = self.runner.start()
         self.out(f"lora-harness: worker server ready in {time.monotonic() - t0:.1f} s "
@@ -71,6 +71,14 @@ class Sweep:
                             "cells": len(self.config.cells)})
         store.write_json("run.json", {"run_id": store.run_id, "invocations": invocations})
         self.out(f"lora-harness: run folder {store.dir}")
+
+    # issue 8: hooks harness.pool.ParallelSweep overrides (a worker server pinned to each
+    # GPU, the GPU in each record); the serial sweep is unchanged by them
+    def _new_runner(self, work_dir) -> ForkServerRunner:
+        return ForkServerRunner(work_dir)
+
+    def _pin_fields(self, worker: dict[str, Any]) -> dict[str, Any]:
+        return {}
 
     def close(self) -> None:
         if self.runner is not None:
@@ -135,6 +143,7 @@ class Sweep:
         extra.update({"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hostname": env.get("hostname"),
                       "gpu_name": worker.get("device_name") if worker.get("device") == "cuda" else env.get("gpu_name"),
                       "worker_mode": env.get("worker_mode")})
+        extra.update(self._pin_fields(worker))  # issue 8: which GPU (harness.pool)
         rec = make_record(cell.to_dict(), cell.cell_id, store.run_id, worker, extra)
         store.append(rec)
         self.records.append(rec)

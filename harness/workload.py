@@ -184,10 +184,21 @@ def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None,
                 out["checkpoint_written_before_cell"] = True
         # NVML's baseline is read before this process initialises CUDA.
         want_cuda = opts.get("device", "auto") != "cpu"
-        sampler = MemorySampler(use_nvml=want_cuda, period_s=float(opts.get("nvml_period_s", 0.005)),
-                                nvml_index=nvml_index_for_visible_device(hooks.nvml_ordinal) if want_cuda else 0)
+        # issue 8: the NVML device is the one CUDA_VISIBLE_DEVICES pins this process to
+        # (NVML ignores that variable); a pinning NVML cannot resolve means no VRAM figures,
+        # never another GPU's
+        out["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+        nvml_index, pin_error = 0, None
+        if want_cuda:
+            try:
+                nvml_index = nvml_index_for_visible_device(hooks.nvml_ordinal)
+            except Exception as exc:  # noqa: BLE001 - LookupError, or NVML missing
+                pin_error = f"{type(exc).__name__}: {exc}"
+        sampler = MemorySampler(use_nvml=want_cuda and pin_error is None,
+                                period_s=float(opts.get("nvml_period_s", 0.005)), nvml_index=nvml_index)
         if want_cuda and not sampler.nvml_ok:
             sampler = MemorySampler(use_nvml=False, period_s=sampler.period_s)
+            sampler.nvml_error = pin_error
         sampler.start()
         device = hooks.device(opts.get("device", "auto"))
         if device.type != "cuda" and sampler.nvml_ok:
@@ -196,11 +207,13 @@ def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None,
         out["device"] = device.type
         out["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         out["memory_metric"] = "vram" if device.type == "cuda" else "rss"
+        if device.type == "cuda" and sampler.nvml_ok:  # issue 8: the physical GPU this cell measured
+            out["gpu_index"], out["gpu_uuid"] = sampler.nvml_index, sampler.gpu_uuid
         if device.type == "cuda":  # before the model is built: measure the context, cap the allocator
             from harness.vram_budget import BudgetGuard
 
             guard = BudgetGuard(spec.vram_budget_bytes, device, sampler.baseline_vram_bytes,
-                                nvml_index_for_visible_device(hooks.nvml_ordinal))
+                                sampler.nvml_index if sampler.nvml_index is not None else 0)
             guard.start()
         elif spec.vram_budget_bytes is not None:
             raise Unsupported("a VRAM budget needs a CUDA device; this cell runs on the CPU")

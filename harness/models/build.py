@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -128,16 +129,35 @@ def check_disk_for_checkpoint(preset: dict[str, Any], folder: Path) -> int:
 def ensure_checkpoint(preset: dict[str, Any], *, device: str, cache_dir: str | None = None, log=print) -> Path:
     """The synthetic checkpoint for ``preset``, written on first use (bf16 safetensors).
 
-    Written into a temporary folder and renamed into place, so a crash mid-write or two
-    workers racing never leave a half checkpoint that later cells would load.
+    Written into a temporary folder and renamed into place, so a crash mid-write never
+    leaves a half checkpoint that later cells would load. Writers take an exclusive lock
+    on a file beside it first (issue 8: with ``--gpus 0,1`` two worker servers may want
+    the same checkpoint at once): the second waits for the first, then finds the
+    checkpoint complete and loads it, instead of building and writing a second copy.
     """
-    import torch
-
     final = checkpoint_dir(preset, cache_dir)
-    if (final / "config.json").is_file() and (final / ".complete").is_file():
+    if _complete(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     check_disk_for_checkpoint(preset, final.parent)  # issue 8: fail clearly, not with ENOSPC mid-write
+    t_wait = time.perf_counter()
+    with open(final.parent / f".{final.name}.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
+        if _complete(final):
+            log(f"synthetic checkpoint for {preset['name']} written by another worker "
+                f"(waited {time.perf_counter() - t_wait:.1f} s)")
+            return final
+        _write_checkpoint(preset, final, device=device, log=log)
+    return final
+
+
+def _complete(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / ".complete").is_file()
+
+
+def _write_checkpoint(preset: dict[str, Any], final: Path, *, device: str, log) -> None:
+    import torch
+
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     t0 = time.perf_counter()
     log(f"writing synthetic checkpoint for {preset['name']} to {final} (once)")
@@ -151,12 +171,13 @@ def ensure_checkpoint(preset: dict[str, Any], *, device: str, cache_dir: str | N
         # memory the cell never used (seen on the H200: int8 VLM cell, NVML 23.5 GiB vs
         # torch's 13.5 GiB).
         torch.cuda.empty_cache()
+    if final.exists():  # a leftover without .complete (an older harness, a crash): replace it
+        shutil.rmtree(final, ignore_errors=True)
     try:
         os.rename(tmp, final)
-    except OSError:  # another worker finished first: keep theirs
+    except OSError:  # a writer without the lock finished first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"checkpoint written in {time.perf_counter() - t0:.1f} s")
-    return final
 
 
 def load_pretrained(path: str | os.PathLike, *, load_kwargs: dict[str, Any], device: str, attn_implementation: str):

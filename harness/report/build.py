@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from harness.report import gpu_models as gpu_model_mod
 from harness.report import pages, tables
 from harness.report.charts import Chart, all_charts, groups, save
 from harness.report.load import RunLoadError, RunSet, load_run_set
@@ -53,6 +54,7 @@ def page_blocks(rs: RunSet, charts: Sequence[tuple[Chart, dict[str, Path]]], out
                                 str(int((cells["run_dir"] == r.path).sum()))] for r in rs.runs]))
     blocks.append(Para("Commands that produced them (from each run's run.json):"))
     blocks.append(Code("\n".join(f"# {r.run_id}\n" + ("\n".join(r.commands) or "(not recorded)") for r in rs.runs)))
+    blocks += gpu_model_blocks(cells, charts, out_dir)  # issue 8: runs from several GPU models
 
     for g in groups(cells):
         blocks.append(Heading(f"Charts: {g.subtitle}"))
@@ -92,13 +94,36 @@ def page_blocks(rs: RunSet, charts: Sequence[tuple[Chart, dict[str, Path]]], out
     return blocks
 
 
+def gpu_model_blocks(cells, charts: Sequence[tuple[Chart, dict[str, Path]]], out_dir: Path) -> list[Block]:
+    """issue 8: the same cells on each GPU model, side by side (only with two models or more)."""
+    models = gpu_model_mod.gpu_models(cells)
+    if len(models) < 2:
+        return []
+    heads, rows = gpu_model_mod.side_by_side(cells)
+    blocks: list[Block] = [
+        Heading("Across GPU models"),
+        Para(f"{len(models)} GPU models: {', '.join(models)}. Each row is one cell, each GPU model a pair of "
+             "columns; 'not run' means no run folder holds the cell on that model. Where a cell was measured "
+             "more than once on one model, the newest record is shown (the count in brackets); compare pools "
+             "them. Cells are never compared across GPU models by `lora-harness compare` unless asked "
+             "(--across-gpus)."),
+        pages.table(heads, rows),
+    ]
+    for chart, paths in charts:
+        if chart.kind == "gpu-models" and "png" in paths:
+            rel = lambda p: os.path.relpath(p, out_dir)  # noqa: E731
+            blocks.append(FigureBlock(rel(paths["png"]), chart.title, chart.caption,
+                                      rel(paths["svg"]) if "svg" in paths else None))
+    return blocks
+
+
 def build_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, *,
                  formats: tuple[str, ...] = ("png", "svg"), embed: bool = True) -> ReportFiles:
     """Load ``paths``, draw every chart into ``out/charts/`` and write report.md and
     report.html into ``out`` (default: the run folder, when there is one)."""
     rs = load_run_set(list(paths))
     if out is None:
-        if len(paths) > 1:
+        if len(paths) > 1 or len(rs.runs) > 1:
             raise ReportError("several run folders: say where the report goes with --out")
         given = Path(paths[0])
         out = given if given.is_dir() else given.parent
@@ -107,6 +132,7 @@ def build_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike | No
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         drawn = [(c, save(c, chart_dir, formats)) for c in all_charts(rs.cells)]
+        drawn += [(c, save(c, chart_dir, formats)) for c in gpu_model_mod.comparison_charts(rs.cells)]  # issue 8
         blocks = page_blocks(rs, drawn, out_dir)
         title = "lora-harness report: " + ", ".join(r.run_id for r in rs.runs)
         md = out_dir / "report.md"

@@ -54,6 +54,8 @@ class RunInfo:
     commands: tuple[str, ...] = ()
     n_records: int = 0
     device_label: str = "?"
+    gpu_model: str = "?"  # issue 8: the GPU model its cells ran on ("cpu" for CPU runs)
+    digest: str = ""  # of results.jsonl: the same run copied to two places is read once
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,8 +123,43 @@ def read_run(path: str | os.PathLike) -> tuple[RunInfo, list[dict[str, Any]], li
     commands = tuple(str(i.get("command")) for i in meta.get("invocations", []) if isinstance(i, dict) and i.get("command"))
     run_id = str(meta.get("run_id") or (records[0].get("run_id") if records else None) or folder.name)
     info = RunInfo(path=str(folder), run_id=run_id, env=env, commands=commands, n_records=len(records),
-                   device_label=_run_device_label(env, records))
+                   device_label=_run_device_label(env, records), gpu_model=_run_gpu_model(env, records),
+                   digest=_digest(results))
     return info, records, notes
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    try:
+        return hashlib.sha1(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""
+
+
+def gpu_model_of(rec: dict[str, Any], default: str = "?") -> str:
+    """The GPU model a record's cell ran on: the worker's CUDA device name, ``cpu`` for a
+    CPU cell; for a cell that never reported a device (pruned, unsupported, crashed),
+    the record's ``gpu_name`` (the host's GPU), else ``default`` (the run's)."""
+    if rec.get("device") == "cuda" and (rec.get("device_name") or rec.get("gpu_name")):
+        return str(rec.get("device_name") or rec.get("gpu_name"))
+    if rec.get("device") == "cpu":
+        return "cpu"
+    if rec.get("gpu_name"):
+        return str(rec["gpu_name"])
+    return default
+
+
+def _run_gpu_model(env: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    for rec in records:
+        if rec.get("device") in ("cuda", "cpu"):
+            return gpu_model_of(rec)
+    if env.get("device") == "cuda" and env.get("gpu_name"):
+        return str(env["gpu_name"])
+    named = [r["gpu_name"] for r in records if r.get("gpu_name")]
+    if named:
+        return str(named[0])
+    return "cpu" if env.get("device") == "cpu" else "?"
 
 
 def _run_device_label(env: dict[str, Any], records: list[dict[str, Any]]) -> str:
@@ -161,6 +198,7 @@ def _row(rec: dict[str, Any], info: RunInfo, index: int) -> dict[str, Any]:
     row["device_label"] = (str(rec.get("device_name")) if own == "cuda" and rec.get("device_name")
                            else f"CPU ({rec.get('hostname') or info.env.get('hostname') or '?'})" if own == "cpu"
                            else info.device_label)
+    row["gpu_model"] = gpu_model_of(rec, info.gpu_model)  # issue 8: a dimension of merged runs
     if row.get("device_total_bytes") is None and not row["device_label"].startswith("CPU"):
         row["device_total_bytes"] = _device_total(info.env)
     return row
@@ -169,7 +207,7 @@ def _row(rec: dict[str, Any], info: RunInfo, index: int) -> dict[str, Any]:
 def records_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Rows -> a frame with the schema's columns always present and numbers as floats."""
     df = pd.DataFrame(rows)
-    for col in ("cell_id", "status", "error", *AXES, *NUMERIC_FIELDS, *LIST_FIELDS, "device_label", "gpu_name",
+    for col in ("cell_id", "status", "error", *AXES, *NUMERIC_FIELDS, *LIST_FIELDS, "device_label", "gpu_name", "gpu_model",
                 "hostname", "timestamp", "memory_metric", "device"):
         if col not in df.columns:
             df[col] = None
@@ -209,13 +247,52 @@ def _sort_key(col: pd.Series) -> pd.Series:
     return col.astype(str) if col.dtype == object else col
 
 
+def expand_run_paths(paths: Sequence[str | os.PathLike]) -> tuple[list[str | os.PathLike], list[str]]:
+    """Run folders from what people pass (issue 8: runs collected from many hosts).
+
+    - a glob pattern the shell did not expand (quoted: ``'/shared/lora-runs/*'``): its
+      matches;
+    - a folder that is not a run but holds run folders (``/shared/lora-runs``): those, by
+      name (one level down; a folder with results.jsonl is a run);
+    - among the matches of a pattern or a collection, entries that are not runs (a README,
+      a half-synced folder) are skipped with a note; a path given by name that is not a
+      run is still an error.
+    """
+    import glob as globmod
+
+    out: list[str | os.PathLike] = []
+    notes: list[str] = []
+    for p in paths:
+        text = str(p)
+        if not os.path.exists(text) and globmod.has_magic(text):
+            matches = sorted(globmod.glob(text))
+            runs = [m for m in matches if Path(m, "results.jsonl").is_file()]
+            if not runs:
+                raise RunLoadError(f"{text}: matches no run folder")
+            if len(runs) < len(matches):
+                notes.append(f"{text}: {len(matches) - len(runs)} match(es) without results.jsonl skipped")
+            out += runs
+            continue
+        d = Path(text)
+        if d.is_dir() and not (d / "results.jsonl").is_file():
+            runs = sorted(c for c in d.iterdir() if (c / "results.jsonl").is_file())
+            if runs:
+                notes.append(f"{d}: a folder of {len(runs)} run folder(s); all read")
+                out += [str(r) for r in runs]
+                continue
+        out.append(p)
+    return out, notes
+
+
 def load_run_set(paths: Sequence[str | os.PathLike]) -> RunSet:
     """Load run folders (or results.jsonl files). A path that is missing or not a run is
     an error; a run without usable records is a warning while others have some."""
     if not paths:
         raise RunLoadError("no run folder given")
-    infos, rows, notes = [], [], []
+    paths, notes = expand_run_paths(paths)
+    infos, rows = [], []
     seen: set[str] = set()
+    digests: dict[str, str] = {}
     for p in paths:
         info, recs, run_notes = read_run(p)
         notes += run_notes
@@ -223,6 +300,11 @@ def load_run_set(paths: Sequence[str | os.PathLike]) -> RunSet:
             notes.append(f"{info.path} given twice; read once")
             continue
         seen.add(info.path)
+        if info.digest and info.digest in digests:  # issue 8: a run synced to two places
+            notes.append(f"{info.path} holds the same records as {digests[info.digest]} (a copy); read once")
+            continue
+        if info.digest:
+            digests[info.digest] = info.path
         if not recs:
             notes.append(f"{info.path}/results.jsonl holds no usable records; left out")
             continue

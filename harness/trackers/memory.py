@@ -25,21 +25,35 @@ from typing import Any
 def nvml_index_for_visible_device(ordinal: int = 0) -> int:
     """NVML index of CUDA device ``ordinal`` as this process sees it.
 
-    The worker runs with CUDA_DEVICE_ORDER=PCI_BUS_ID, the order NVML uses, so an integer
-    in CUDA_VISIBLE_DEVICES is the NVML index; a UUID is looked up.
+    NVML numbers every GPU of the host and ignores CUDA_VISIBLE_DEVICES, so a process
+    pinned to one GPU must translate: without CUDA_VISIBLE_DEVICES the ordinal is the
+    index (the worker runs with CUDA_DEVICE_ORDER=PCI_BUS_ID, NVML's order); an integer
+    entry is an NVML index; a UUID entry (``GPU-...``, what ``--gpus`` pins workers with,
+    a prefix is enough as for CUDA) is looked up in NVML. An entry that matches no device
+    (a MIG instance, a typo) raises ``LookupError``: reading another GPU's memory instead
+    would be a wrong measurement, not a missing one.
     """
     vis = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if not vis:
+    if vis is None or not vis.strip():
         return ordinal
-    entry = vis.split(",")[ordinal].strip()
+    entries = [e.strip() for e in vis.split(",") if e.strip()]
+    if ordinal >= len(entries):
+        raise LookupError(f"CUDA_VISIBLE_DEVICES={vis!r} has no device {ordinal}")
+    entry = entries[ordinal]
     if entry.isdigit():
         return int(entry)
     import pynvml
 
-    for i in range(pynvml.nvmlDeviceGetCount()):
-        if pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i)).startswith(entry):
-            return i
-    return ordinal
+    pynvml.nvmlInit()  # reference-counted: safe while a sampler holds NVML open
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            uuid = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i))
+            uuid = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
+            if uuid == entry or uuid.startswith(entry):
+                return i
+    finally:
+        pynvml.nvmlShutdown()
+    raise LookupError(f"CUDA_VISIBLE_DEVICES entry {entry!r} matches no NVML device (MIG instances are not supported)")
 
 
 class MemorySampler:
@@ -64,6 +78,8 @@ class MemorySampler:
         self.energy_j: float | None = None
         self.energy_error: str | None = None
         self._proc = None
+        self.nvml_index: int | None = None  # issue 8: which physical GPU was read
+        self.gpu_uuid: str | None = None
         try:
             import psutil
 
@@ -81,6 +97,12 @@ class MemorySampler:
                 self.baseline_vram_bytes = int(info.used)
                 self.peak_vram_bytes = int(info.used)
                 self.total_vram_bytes = int(info.total)
+                self.nvml_index = int(nvml_index)
+                try:
+                    uuid = pynvml.nvmlDeviceGetUUID(self._handle)
+                    self.gpu_uuid = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
+                except Exception:
+                    self.gpu_uuid = None
             except Exception as exc:  # NVML missing (no driver) or refused
                 self.nvml_error = f"{type(exc).__name__}: {exc}"
                 self._handle = None
