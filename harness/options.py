@@ -161,8 +161,12 @@ def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
     period_ms = v["nvml-period-ms"] if v["nvml-period-ms"] is not None else 5.0
     if period_ms <= 0:
         raise SpecError("--nvml-period-ms must be positive")
+    gpus = parse_gpus(v["gpus"], facts, device)  # issue 8
+    if gpus and any(c.world_size > 1 for c in cells):
+        raise SpecError("--gpus runs one-GPU cells side by side; cells with --world-size above 1 take the host's "
+                        "GPUs through torchrun: run them in a separate sweep without --gpus")
     return SweepConfig(cells=tuple(cells), matrix=matrix, device=device, run_dir=v["run-dir"],
                        resume=bool(v["resume"]), fail_on_oom=bool(v["fail-on-oom"]), cell_timeout_s=float(timeout),
                        cache_dir=v["cache-dir"], nvml_period_s=period_ms / 1000.0, prune=not v["no-prune"],
                        options={k: val for k, val in v.items() if val not in (None, False)},
-                       gpus=parse_gpus(v["gpus"], facts, device))  # issue 8
+                       gpus=gpus)

@@ -163,3 +163,14 @@ def test_two_workers_wanting_the_same_checkpoint_write_it_once(tmp_path):
     final = checkpoint_dir(preset, str(tmp_path))
     assert json.loads((final / ".complete").read_text())["preset"] == "tiny-llama"
     assert not list(final.parent.glob(".*.tmp-*"))
+
+
+def test_gpus_and_torchrun_cells_are_not_mixed_in_one_sweep(monkeypatch):
+    from harness.options import build_config
+
+    monkeypatch.delenv(FAKE_ENV, raising=False)
+    with pytest.raises(SpecError, match="--world-size above 1 take the host's GPUs through torchrun"):
+        build_config({"lh_precision": "bf16", "lh_seq_len": "64", "lh_gpus": "0,1", "lh_world_size": "1,2",
+                      "lh_model": "tiny-llama"}, TWO)
+    cfg = build_config({"lh_precision": "bf16", "lh_seq_len": "64", "lh_gpus": "0,1", "lh_model": "tiny-llama"}, TWO)
+    assert len(cfg.gpus) == 2

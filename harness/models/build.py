@@ -139,7 +139,6 @@ def ensure_checkpoint(preset: dict[str, Any], *, device: str, cache_dir: str | N
     if _complete(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    check_disk_for_checkpoint(preset, final.parent)  # issue 8: fail clearly, not with ENOSPC mid-write
     t_wait = time.perf_counter()
     with open(final.parent / f".{final.name}.lock", "a") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
@@ -147,6 +146,7 @@ def ensure_checkpoint(preset: dict[str, Any], *, device: str, cache_dir: str | N
             log(f"synthetic checkpoint for {preset['name']} written by another worker "
                 f"(waited {time.perf_counter() - t_wait:.1f} s)")
             return final
+        check_disk_for_checkpoint(preset, final.parent)  # issue 8: fail clearly, not with ENOSPC mid-write
         _write_checkpoint(preset, final, device=device, log=log)
     return final
 
