@@ -76,6 +76,7 @@ def _write_atomic(path: str, data: dict[str, Any]) -> None:
 
 def run_job_here(job: dict[str, Any]) -> int:
     """Run one job in this (fresh) process: the body of every cell's process."""
+    t_start = time.monotonic()  # issue 7: the process's start on the parent's clock (harness.perf)
     import faulthandler
 
     for k, v in (job.get("env") or {}).items():
@@ -92,6 +93,8 @@ def run_job_here(job: dict[str, Any]) -> int:
         result = _resolve(job["target"])(**(job.get("args") or {}))
         if not isinstance(result, dict):
             result = {"status": "error", "error": f"job returned {type(result).__name__}, not a dict"}
+        elif "_t_cell_start" in result:  # a cell: the parent turns this into phase_spawn_s
+            result["_t_child_start"] = t_start
     except BaseException as exc:  # noqa: BLE001 - the runner classifies; never lose the reason
         from harness.result import is_oom_message
 

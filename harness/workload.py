@@ -22,6 +22,7 @@ import traceback
 from typing import Any
 
 from harness import flops as flops_mod
+from harness import perf
 from harness.checkpointing import CheckpointProofError
 from harness.precision import (PrecisionProofError, compute_dtype_name, count_layers, get_mode,
                                load_kwargs, verify_layers)
@@ -125,10 +126,12 @@ class _Partial(dict):
 
 def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run one cell in this process; returns the worker half of the result record."""
+    # issue 7: the cell's timeline in phases (harness.perf; docs/results-schema.md)
+    clock = perf.PhaseClock("imports")
     opts = opts or {}
     spec = CellSpec.from_dict(spec_dict)
     out = _Partial(status=Status.ERROR.value, error=None, losses=[], step_times_s=[], loaded_layers=None,
-                   grad_ckpt_evidence=None)
+                   grad_ckpt_evidence=None, _t_cell_start=clock.start)
     sampler = None
     device = None
     guard = None  # issue 5: VRAM budget emulation (harness.vram_budget)
@@ -136,6 +139,7 @@ def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None) -> d
         import torch
         from harness.trackers.memory import MemorySampler, nvml_index_for_visible_device
 
+        clock.begin("checkpoint_write")
         if opts.get("device", "auto") != "cpu":
             # issue 5: no cell pays for writing the synthetic checkpoint (a bf16 model on the
             # device): under a budget it would not fit, without one it inflates the peaks
@@ -143,6 +147,12 @@ def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None) -> d
 
             if prepare_checkpoint(spec, opts):
                 out["checkpoint_written_before_cell"] = True
+            if _prequantize_int8(spec, opts):  # issue 7: the int8 checkpoint, written once
+                from harness.models.build import prepare_prequantized_int8
+
+                if prepare_prequantized_int8(spec, opts):
+                    out["checkpoint_written_before_cell"] = True
+        clock.begin("device_init")
         # NVML's baseline is read before this process initialises CUDA.
         want_cuda = opts.get("device", "auto") != "cpu"
         sampler = MemorySampler(use_nvml=want_cuda, period_s=float(opts.get("nvml_period_s", 0.005)),
@@ -165,7 +175,7 @@ def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None) -> d
             guard.start()
         elif spec.vram_budget_bytes is not None:
             raise Unsupported("a VRAM budget needs a CUDA device; this cell runs on the CPU")
-        _run(spec, opts, device, sampler, out, guard)
+        _run(spec, opts, device, sampler, out, guard, clock)
         out["status"] = Status.OK.value
     except (Unsupported, BudgetUnusable) as exc:
         out["status"] = Status.UNSUPPORTED.value
@@ -186,6 +196,10 @@ def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None) -> d
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
     finally:
+        # issue 7: the cell's work ends here; what follows (and the process's exit) is the
+        # teardown, measured by the parent up to the moment it sees the process end
+        out["_t_body_end"] = clock.begin(None)
+        out.update(clock.fields())
         if sampler is not None:
             sampler.energy_stop()
             sampler.stop()
@@ -204,7 +218,13 @@ def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None) -> d
 
 
 
-def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, guard=None) -> None:
+def _prequantize_int8(spec: CellSpec, opts: dict[str, Any]) -> bool:
+    """issue 7: whether this cell loads int8 weights from a pre-quantised checkpoint."""
+    return bool(opts.get("int8_prequantized")) and spec.precision == "int8" and not spec.model_path \
+        and spec.resolved_load() == "pretrained"
+
+
+def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, guard=None, clock=None) -> None:
     import contextlib
 
     import numpy as np
@@ -222,6 +242,7 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
         hf_logging.disable_progress_bar()
     except Exception:  # cosmetic only
         pass
+    clock = clock or perf.PhaseClock("device_init")
     out["phase"] = "check"
     check_support(spec, device)
     mode = get_mode(spec.precision)
@@ -232,12 +253,17 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
     out["compute_dtype"] = mode.weight_dtype or compute
 
     out["phase"] = "load"
+    clock.begin("model_load")
     _log(f"loading {spec.model} ({spec.precision}, {spec.resolved_load()}) on {device}")
     kw = load_kwargs(spec.precision, bf16_supported=bf16_ok, skip_modules=skips)
-    model, info = load_model(spec, load_kwargs=kw, device=str(device), cache_dir=opts.get("cache_dir"), log=_log)
+    model, info = load_model(spec, load_kwargs=kw, device=str(device), cache_dir=opts.get("cache_dir"), log=_log,
+                             prequantized_int8=_prequantize_int8(spec, opts))
     out.update(info)
 
     out["phase"] = "prepare"
+    clock.begin("lora_wrap")
+    # a checkpoint written (or looked up) inside the load is not the load
+    clock.move(info.get("checkpoint_prepare_s") or 0.0, "model_load", "checkpoint_write")
     evidence = checkpointing.apply(model, spec.grad_ckpt)
     lcfg = peft.LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                            target_modules=_lora_target(spec), bias="none", task_type="CAUSAL_LM",
@@ -273,9 +299,13 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
     out["loss_scaling"] = bool(use_scaler)
 
     cfg = model.config
-    n_total = spec.warmup_steps + spec.steps
+    clock.begin("data_prep")
+    n_warm = spec.warmup_steps
+    n_total = n_warm + spec.steps  # the least a cell runs; an adaptive window may run more
+    n_max = n_warm + spec.max_measured_steps
     # The batch builder follows the model's kind (text, or images + text for a VLM).
     step_inputs = inputs.build(spec, cfg, preset, n_total)
+    batches = list(step_inputs.batches)
     out.update(step_inputs.info)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     timer = StepTimer(sync)
@@ -284,11 +314,21 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
     skipped = 0
     lora_params_with_grad = None
     out["phase"] = "train"
-    _log(f"training: {spec.warmup_steps} warm-up + {spec.steps} measured steps of {spec.tokens_per_step} tokens")
-    for i in range(n_total):
-        if i == spec.warmup_steps:
+    w = spec.window
+    window_rule = "fixed" if w is None else None
+    _log(f"training: {spec.warmup_steps} warm-up + " + (f"{spec.steps} measured steps" if w is None else
+         f"{spec.steps}-{w.max_steps} measured steps (adaptive: stable within {w.stable_rel:.1%} over "
+         f"{w.stable_steps} steps, or {w.time_cap_s:g} s)") + f" of {spec.tokens_per_step} tokens")
+    clock.begin("warmup")
+    i = 0
+    while True:
+        if i == n_warm:
             sampler.energy_start()
-        batch = inputs.to_device(step_inputs.batches[i], device)
+            clock.begin("measured")
+        if i >= len(batches):  # an adaptive window ran past the batches built: more, outside the timer
+            more = min(n_max - len(batches), max(8, spec.steps))
+            batches.extend(inputs.build(spec, cfg, preset, more, start=len(batches)).batches)
+        batch = inputs.to_device(batches[i], device)
         timer.start()
         evidence.enter("forward")
         probe = evidence.probe_saved(device, model) if i == 0 else contextlib.nullcontext()
@@ -312,12 +352,29 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
         out["losses"].append(lv)
         if not math.isfinite(lv) and "nonfinite_diagnosis" not in out:
             _diagnose_nonfinite(model, batch, autocast, i, lv, out)
-        _log(f"step {i + 1}/{n_total}{' (warm-up)' if i < spec.warmup_steps else ''}: loss {lv:.4f}, {dt * 1000:.1f} ms")
+        _log(f"step {i + 1}/{n_total if w is None else n_max}{' (warm-up)' if i < n_warm else ''}: loss {lv:.4f}, "
+             f"{dt * 1000:.1f} ms")
+        i += 1
+        if i <= n_warm:
+            continue
+        if w is None:
+            if i >= n_total:
+                break
+        else:
+            window_rule = perf.window_decision(timer.times[n_warm:], min_steps=spec.steps, max_steps=w.max_steps,
+                                               time_cap_s=w.time_cap_s, stable_rel=w.stable_rel,
+                                               stable_steps=w.stable_steps)
+            if window_rule:
+                break
+    n_total = i
     sync()
     sampler.energy_stop()
+    clock.begin("verify")
     out["phase"] = "verify"
-    out["step_times_s"] = timer.times[spec.warmup_steps:]
-    out["warmup_step_times_s"] = timer.times[: spec.warmup_steps]
+    out["step_times_s"] = timer.times[n_warm:]
+    out["warmup_step_times_s"] = timer.times[:n_warm]
+    out["measured_steps"] = len(out["step_times_s"])
+    out["window_rule"] = window_rule
     out["scaler_skipped_steps"] = skipped if use_scaler else None
     ev = evidence.to_dict(spec.grad_ckpt, n_total)
     ev["lora_params_with_grad"] = lora_params_with_grad

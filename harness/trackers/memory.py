@@ -47,10 +47,16 @@ class MemorySampler:
 
     ``period_s`` defaults to 5 ms. Peaks shorter than the period can be missed by NVML;
     the torch allocator's peak (exact) is recorded beside it for that reason.
+
+    ``period_s=0`` turns sampling off (issue 7: the sampler's own cost is measured as
+    sampler on vs off): no thread runs, NVML is read once for the baseline (and for the
+    energy counter), and the results carry no NVML peak (``peak_vram_bytes`` null,
+    ``memory_sampler: "off"``) so nothing claims a peak that was not sampled.
     """
 
     def __init__(self, *, use_nvml: bool, period_s: float = 0.005, nvml_index: int = 0) -> None:
         self.period_s = period_s
+        self.sampling = period_s > 0
         self.samples = 0
         self.nvml_error: str | None = None
         self._handle = None
@@ -110,6 +116,8 @@ class MemorySampler:
             self._stop.wait(self.period_s)
 
     def start(self) -> "MemorySampler":
+        if not self.sampling:
+            return self
         self._thread = threading.Thread(target=self._loop, name="memory-sampler", daemon=True)
         self._thread.start()
         return self
@@ -118,6 +126,8 @@ class MemorySampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
+        if not self.sampling:
+            return
         try:
             self._sample()
         except Exception:
@@ -143,6 +153,19 @@ class MemorySampler:
             self.energy_error = f"{type(exc).__name__}: {exc}"
 
     def results(self) -> dict[str, Any]:
+        if not self.sampling:
+            return {
+                "peak_vram_bytes": None,
+                "baseline_vram_bytes": self.baseline_vram_bytes,
+                "peak_vram_over_baseline_bytes": None,
+                "device_total_bytes": self.total_vram_bytes,
+                "nvml_samples": 0,
+                "nvml_period_s": None,
+                "nvml_error": self.nvml_error,
+                "memory_sampler": "off",
+                "peak_rss_bytes": peak_rss_bytes(),
+                "peak_rss_sampled_bytes": None,
+            }
         over = None
         if self.peak_vram_bytes is not None and self.baseline_vram_bytes is not None:
             over = self.peak_vram_bytes - self.baseline_vram_bytes
@@ -154,6 +177,7 @@ class MemorySampler:
             "nvml_samples": self.samples,
             "nvml_period_s": self.period_s if self.nvml_ok else None,
             "nvml_error": self.nvml_error,
+            "memory_sampler": "on",
             "peak_rss_bytes": peak_rss_bytes(),
             "peak_rss_sampled_bytes": self.peak_rss_sampled_bytes or None,
         }
