@@ -127,7 +127,8 @@ def sweep_cost(records: list[dict[str, Any]], env: dict[str, Any] | None = None,
         "fixed_cost_median_by_precision": {},
     }
     if sweep_wall is not None:
-        totals["outside_cells_s"] = sweep_wall - totals["cells_wall_s"]
+        # timestamps have 1 s resolution: a sweep with nothing between its cells can read -0.x
+        totals["outside_cells_s"] = max(0.0, sweep_wall - totals["cells_wall_s"])
         if env.get("worker_start_s") is not None:  # run.json's start is written once the server is up
             totals["sweep_wall_with_server_s"] = sweep_wall + float(env["worker_start_s"]) \
                 + float(env.get("env_collect_s") or 0.0)

@@ -320,6 +320,7 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
          f"{spec.steps}-{w.max_steps} measured steps (adaptive: stable within {w.stable_rel:.1%} over "
          f"{w.stable_steps} steps, or {w.time_cap_s:g} s)") + f" of {spec.tokens_per_step} tokens")
     clock.begin("warmup")
+    gc_watch = _GcWatch().start()  # issue 7: collector pauses during the steps, for the record
     i = 0
     while True:
         if i == n_warm:
@@ -369,6 +370,7 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
     n_total = i
     sync()
     sampler.energy_stop()
+    out["gc_pauses"] = gc_watch.stop()
     clock.begin("verify")
     out["phase"] = "verify"
     out["step_times_s"] = timer.times[n_warm:]
@@ -405,6 +407,39 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
     out["lora_matmul_params"] = lora_mm
     out["_energy"] = sampler.energy_j
     del np
+
+
+class _GcWatch:
+    """Python's garbage collections during the training loop (issue 7): how many per
+    generation and how long they took in all. A full (generation 2) collection walks
+    every tracked object; the worker freezes the libraries' objects first
+    (``harness.worker``), so what remains is the cell's own."""
+
+    def __init__(self) -> None:
+        self.counts = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self._t0 = 0.0
+
+    def _cb(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            g = int(info.get("generation", 0))
+            self.counts[g] += 1
+            self.seconds[g] += time.perf_counter() - self._t0
+
+    def start(self) -> "_GcWatch":
+        import gc
+
+        gc.callbacks.append(self._cb)
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        import gc
+
+        if self._cb in gc.callbacks:
+            gc.callbacks.remove(self._cb)
+        return {"collections": list(self.counts), "seconds": [round(s, 6) for s in self.seconds]}
 
 
 def _diagnose_nonfinite(model, batch, autocast, step: int, loss: float, out: _Partial) -> None:

@@ -47,6 +47,9 @@ def test_every_phase_is_timed_and_they_add_up_to_the_wall_time(sweep):
     assert rec["load_time_s"] <= rec["phase_model_load_s"] + rec["phase_checkpoint_write_s"] and rec["phase_spawn_s"] < 5
     assert rec["measured_steps"] == 3 and rec["window_rule"] == "fixed" and len(rec["losses"]) == 4
     assert not any(k.startswith("_t_") for k in rec)
+    # the libraries' objects (preloaded by the server) are frozen out of the collector's reach
+    assert rec["gc_frozen_objects"] > 100_000
+    assert len(rec["gc_pauses"]["collections"]) == 3 and rec["gc_pauses"]["collections"][0] > 0
 
 
 def test_the_sampler_can_be_switched_off_and_the_record_says_so(sweep):
