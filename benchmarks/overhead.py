@@ -7,7 +7,9 @@ off and on, nf4 at 2048 with checkpointing on) and each repetition, three runs:
   trackers, no proofs), the same model, LoRA, batches, optimizer, autocast and steps;
 - ``harness``: the cell through the harness's normal path (a ``harness.sweep.Sweep``:
   the worker server forks a fresh process for the cell; records in ``harness-run/``);
-- ``harness-nvml-off``: the same with the NVML sampler off (``--nvml-period-ms 0``).
+- ``harness-nvml-off``: the same with the NVML sampler off (``--nvml-period-ms 0``);
+- with ``--sampler-process`` also ``harness-sampler-process``: the sampler polling from a
+  process of its own (``--sampler-mode process``) instead of a thread.
 
 The order of the three is rotated from one run to the next (a Latin square over the
 repetitions), so a slow drift of the machine does not favour one of them. Every run
@@ -43,7 +45,7 @@ from harness.models.build import checkpoint_dir  # noqa: E402
 from harness.perfreport import overhead_markdown, overhead_rows  # noqa: E402
 from harness.sweep import Sweep  # noqa: E402
 
-KINDS = ("bare", "harness", "harness-nvml-off")
+KINDS = ("bare", "harness", "harness-nvml-off", "harness-sampler-process")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=None, help="synthetic checkpoints (default: the harness's)")
     p.add_argument("--cell-timeout", type=float, default=None)
     p.add_argument("--no-sampler-off", action="store_true", help="skip the sampler-off runs")
+    p.add_argument("--sampler-process", action="store_true",
+                   help="also run the harness with the sampler in a process of its own (--sampler-mode process)")
     p.add_argument("--time-limit", type=float, default=None, help="start no new run after this many seconds")
     return p.parse_args(argv)
 
@@ -96,7 +100,8 @@ def main(argv=None) -> int:
     cfg, facts = sweep_config(model=a.model, cells=parse_cells(a.cells), run_dir=out / "harness-run",
                               steps=a.steps, warmup_steps=a.warmup_steps, device=a.device, cache_dir=a.cache_dir,
                               cell_timeout=a.cell_timeout)
-    kinds = [k for k in KINDS if not (a.no_sampler_off and k == "harness-nvml-off")]
+    kinds = [k for k in KINDS if not (a.no_sampler_off and k == "harness-nvml-off")
+             and not (not a.sampler_process and k == "harness-sampler-process")]
     runs: list[dict] = []
     sweep = Sweep(cfg, facts, command="benchmarks/overhead.py " + " ".join(sys.argv[1:] if argv is None else argv),
                   total=len(cfg.cells) * a.reps * (len(kinds) - 1))
@@ -124,13 +129,16 @@ def main(argv=None) -> int:
                               f"{res.get('tokens_per_s') or 0:,.1f} tokens/s", flush=True)
                     else:
                         off = kind == "harness-nvml-off"
-                        sweep.config = dataclasses.replace(cfg, nvml_period_s=0.0 if off else cfg.nvml_period_s)
-                        rec = sweep.run(cell.replace(tag=f"r{k}" + ("-nvml-off" if off else "")))
+                        sweep.config = dataclasses.replace(
+                            cfg, nvml_period_s=0.0 if off else cfg.nvml_period_s,
+                            sampler_mode="process" if kind == "harness-sampler-process" else "thread")
+                        rec = sweep.run(cell.replace(tag=f"r{k}" + kind[len("harness"):]))
                         sweep.config = cfg
                         res = {f: rec.get(f) for f in ("status", "error", "tokens_per_s", "step_time_s",
                                                        "step_times_s", "torch_peak_allocated_bytes",
                                                        "torch_peak_reserved_bytes", "peak_vram_bytes", "losses",
-                                                       "memory_sampler", "fixed_cost_s", "wall_time_s", "cell_id")}
+                                                       "memory_sampler", "sampler_mode", "fixed_cost_s",
+                                                       "wall_time_s", "cell_id")}
                     runs.append(dict(res, cell=short_name(cell), kind=kind, rep=k))
     finally:
         sweep.close()

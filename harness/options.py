@@ -106,6 +106,8 @@ OPTIONS: tuple[Opt, ...] = (
                            "(default 30)", kind="float"),
     Opt("stable-rel", "adaptive window: stable when the running median moved by at most this fraction over the "
                       "last 3 steps (default 0.01)", kind="float"),
+    Opt("sampler-mode", "where the NVML sampler polls from: thread (default, in the cell's process) or process (a "
+                        "small process of its own, which never holds the training loop's Python lock)"),
     Opt("int8-prequantized", "int8 cells of presets load a pre-quantised int8 checkpoint (written once per cache "
                              "folder) instead of converting the bf16 one at every load", kind="flag"),
 )
@@ -125,11 +127,14 @@ class SweepConfig:
     prune: bool = True
     options: dict[str, Any] = field(default_factory=dict)
     int8_prequantized: bool = False  # issue 7
+    sampler_mode: str = "thread"  # issue 7
 
     def worker_opts(self) -> dict[str, Any]:
         opts = {"device": self.device, "cache_dir": self.cache_dir, "nvml_period_s": self.nvml_period_s}
         if self.int8_prequantized:  # issue 7
             opts["int8_prequantized"] = True
+        if self.sampler_mode != "thread":  # issue 7
+            opts["sampler_mode"] = self.sampler_mode
         return opts
 
 
@@ -165,13 +170,16 @@ def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
     period_ms = v["nvml-period-ms"] if v["nvml-period-ms"] is not None else 5.0
     if period_ms < 0:  # issue 7: 0 turns the sampler off
         raise SpecError("--nvml-period-ms must be positive, or 0 to turn the sampler off")
+    sampler_mode = (v["sampler-mode"] or "thread").lower()  # issue 7
+    if sampler_mode not in ("thread", "process"):
+        raise SpecError(f"--sampler-mode must be thread or process, got {v['sampler-mode']!r}")
     if period_ms == 0 and v["vram-budget"]:
         raise SpecError("--vram-budget judges cells by the sampled NVML peak: it needs --nvml-period-ms > 0")
     return SweepConfig(cells=tuple(cells), matrix=matrix, device=device, run_dir=v["run-dir"],
                        resume=bool(v["resume"]), fail_on_oom=bool(v["fail-on-oom"]), cell_timeout_s=float(timeout),
                        cache_dir=v["cache-dir"], nvml_period_s=period_ms / 1000.0, prune=not v["no-prune"],
                        options={k: val for k, val in v.items() if val not in (None, False)},
-                       int8_prequantized=bool(v["int8-prequantized"]))
+                       int8_prequantized=bool(v["int8-prequantized"]), sampler_mode=sampler_mode)
 
 
 def window_from_options(v: dict[str, Any]) -> WindowSpec | None:

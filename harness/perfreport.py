@@ -293,6 +293,8 @@ def overhead_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         speed = _ratio(har_t, bare_t)
         mem = _ratio(har_m, bare_m)
         sampler = _ratio(har_t, off_t)
+        proc_t = _median(get("harness-sampler-process", "tokens_per_s"))
+        sampler_proc = _ratio(proc_t, off_t)
         loss_diff = None
         bl, hl = get("bare", "losses"), get("harness", "losses")
         if bl and hl and bl[0] and hl[0] and len(bl[0]) == len(hl[0]):
@@ -304,6 +306,8 @@ def overhead_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "bare_torch_peak_allocated_bytes": bare_m, "harness_torch_peak_allocated_bytes": har_m,
             "memory_ratio": mem, "memory_pass": None if mem is None else abs(mem - 1) <= TARGET_OVERHEAD_MEMORY,
             "sampler_ratio": sampler, "sampler_pass": None if sampler is None else sampler >= 1 - TARGET_SAMPLER,
+            "harness_sampler_process_tokens_per_s": proc_t, "sampler_process_ratio": sampler_proc,
+            "sampler_process_pass": None if sampler_proc is None else sampler_proc >= 1 - TARGET_SAMPLER,
             "tokens_per_s_values": {k: get(k, "tokens_per_s") for k in kinds},
             "loss_max_rel_diff_first_run": loss_diff,
         })
@@ -314,7 +318,11 @@ def overhead_markdown(rows: list[dict[str, Any]], *, title: str = "Harness overh
     headers = ["cell", "bare tokens/s", "harness tokens/s", "harness / bare",
                f">= {1 - TARGET_OVERHEAD_SPEED:.0%}", "bare torch peak alloc", "harness torch peak alloc",
                "harness / bare", f"within {TARGET_OVERHEAD_MEMORY:.0%}", "harness, sampler off, tokens/s",
-               "sampler on / off", f">= {1 - TARGET_SAMPLER:.0%}", "losses: largest relative difference"]
+               "sampler on / off", f">= {1 - TARGET_SAMPLER:.0%}"]
+    proc = any(r.get("sampler_process_ratio") is not None for r in rows)
+    if proc:
+        headers += ["sampler in a process / off", f">= {1 - TARGET_SAMPLER:.0%}"]
+    headers += ["losses: largest relative difference"]
     body = []
     for r in rows:
         rate = lambda x: "-" if x is None else f"{x:,.0f}" if x >= 100 else f"{x:.1f}"  # noqa: E731
@@ -325,8 +333,9 @@ def overhead_markdown(rows: list[dict[str, Any]], *, title: str = "Harness overh
                      "n/a" if mem_na else _gib(r["bare_torch_peak_allocated_bytes"]),
                      "n/a" if mem_na else _gib(r["harness_torch_peak_allocated_bytes"]),
                      "n/a" if mem_na else ratio(r["memory_ratio"]), _verdict(r["memory_pass"]),
-                     rate(r["harness_nvml_off_tokens_per_s"]), ratio(r["sampler_ratio"]), _verdict(r["sampler_pass"]),
-                     "-" if r["loss_max_rel_diff_first_run"] is None else f"{r['loss_max_rel_diff_first_run']:.1e}"])
+                     rate(r["harness_nvml_off_tokens_per_s"]), ratio(r["sampler_ratio"]), _verdict(r["sampler_pass"])]
+                    + ([ratio(r.get("sampler_process_ratio")), _verdict(r.get("sampler_process_pass"))] if proc else [])
+                    + ["-" if r["loss_max_rel_diff_first_run"] is None else f"{r['loss_max_rel_diff_first_run']:.1e}"])
     text = [f"# {title}", "",
             "Medians over the repetitions (order rotated each repetition). tokens/s from each run's median "
             "measured step; torch peak allocated since the training loop started (n/a on a CPU: no allocator "

@@ -155,15 +155,16 @@ def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None) -> d
         clock.begin("device_init")
         # NVML's baseline is read before this process initialises CUDA.
         want_cuda = opts.get("device", "auto") != "cpu"
+        mode = opts.get("sampler_mode", "thread")  # issue 7: thread or process
         sampler = MemorySampler(use_nvml=want_cuda, period_s=float(opts.get("nvml_period_s", 0.005)),
-                                nvml_index=nvml_index_for_visible_device(0) if want_cuda else 0)
+                                nvml_index=nvml_index_for_visible_device(0) if want_cuda else 0, mode=mode)
         if want_cuda and not sampler.nvml_ok:
-            sampler = MemorySampler(use_nvml=False, period_s=sampler.period_s)
+            sampler = MemorySampler(use_nvml=False, period_s=sampler.period_s, mode=mode)
         sampler.start()
         device = pick_device(opts.get("device", "auto"))
         if device.type != "cuda" and sampler.nvml_ok:
             sampler.stop()
-            sampler = MemorySampler(use_nvml=False, period_s=sampler.period_s).start()
+            sampler = MemorySampler(use_nvml=False, period_s=sampler.period_s, mode=mode).start()
         out["device"] = device.type
         out["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         out["memory_metric"] = "vram" if device.type == "cuda" else "rss"

@@ -61,6 +61,10 @@ def test_the_sampler_can_be_switched_off_and_the_record_says_so(sweep):
     assert off["peak_vram_bytes"] is None and off["nvml_period_s"] is None and off["peak_rss_sampled_bytes"] is None
     assert off["peak_rss_bytes"] > 0  # the kernel's high-water mark needs no sampler
     assert off["losses"] == on["losses"]  # the same training either way
+    proc = _run(sweep, cell.replace(tag="sampler-process"), sampler_mode="process")
+    assert on["sampler_mode"] == "thread" and proc["sampler_mode"] == "process" and proc["nvml_error"] is None
+    assert proc["nvml_samples"] > 0 and proc["peak_rss_sampled_bytes"] > 100 * 2 ** 20
+    assert proc["losses"] == on["losses"]
 
 
 def test_the_adaptive_window_runs_past_its_batches_with_the_same_data(sweep):

@@ -47,7 +47,8 @@ def test_overhead_table_compares_the_same_work(perf_job):
     rows = {r["cell"]: r for r in data["rows"]}
     assert set(rows) == {"bf16/s64/gc-on", "nf4/s64/gc-on"}
     for r in rows.values():
-        assert r["runs"] == {"bare": 1, "harness": 1, "harness-nvml-off": 1}
+        assert r["runs"] == {"bare": 1, "harness": 1, "harness-nvml-off": 1, "harness-sampler-process": 1}
+        assert r["sampler_process_ratio"] is not None
         assert r["speed_ratio"] == pytest.approx(r["harness_tokens_per_s"] / r["bare_tokens_per_s"])
         assert r["sampler_ratio"] == pytest.approx(r["harness_tokens_per_s"] / r["harness_nvml_off_tokens_per_s"])
         # CPU: no allocator peak, reported as such, never as a number
@@ -58,6 +59,7 @@ def test_overhead_table_compares_the_same_work(perf_job):
     assert "| n/a | n/a | n/a | n/a |" in md
     harness = [json.loads(x) for x in (run / "overhead" / "harness-run" / "results.jsonl").read_text().splitlines()]
     assert {r["memory_sampler"] for r in harness} == {"on", "off"}
+    assert {r.get("sampler_mode") for r in harness} == {"thread", "process", None}  # None: sampler off
     assert all(r["measured_steps"] == 2 and r["spec"]["warmup_steps"] == 1 for r in harness)
 
 

@@ -86,6 +86,10 @@ def test_options_for_the_window_and_the_sampler():
             {"index": 0, "name": "H200", "memory_total_bytes": 150 * 2 ** 30}]})
     assert build_config({"int8_prequantized": True}, CPU).worker_opts()["int8_prequantized"] is True
     assert "int8_prequantized" not in build_config({}, CPU).worker_opts()
+    assert build_config({"sampler_mode": "process"}, CPU).worker_opts()["sampler_mode"] == "process"
+    assert "sampler_mode" not in build_config({}, CPU).worker_opts()  # the thread, as before
+    with pytest.raises(SpecError, match="thread or process"):
+        build_config({"sampler_mode": "fork"}, CPU)
 
 
 def test_phase_clock_and_the_parents_timers():
