@@ -64,3 +64,17 @@ def test_overhead_verdicts():
     runs[1] = dict(runs[1], tokens_per_s=960.0, torch_peak_allocated_bytes=1020)
     r = overhead_rows(runs)[0]
     assert r["speed_pass"] is False and r["memory_pass"] is False
+
+
+def test_a_run_with_repeated_cells_can_be_reported(tmp_path):
+    """benchmarks/ write run folders holding each cell several times under tags: the
+    checkpointing trade-off compares against the median of the repeated gc-off cells."""
+    import pandas as pd
+
+    from harness.report.chart_scaling import tradeoff_points
+
+    rows = [{"status": "ok", "precision": "bf16", "seq_len": 2048, "grad_ckpt": g, "memory_bytes": m,
+             "tokens_per_s": t} for g, m, t in (("off", 30.0, 1000.0), ("off", 32.0, 1100.0), ("off", 31.0, 900.0),
+                                                 ("on", 20.0, 500.0))]
+    pts = tradeoff_points(pd.DataFrame(rows))
+    assert len(pts) == 1 and pts["memory_saved_bytes"].iloc[0] == 11.0 and pts["throughput_lost"].iloc[0] == 0.5
