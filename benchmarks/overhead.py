@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     kinds = [k for k in KINDS if not (a.no_sampler_off and k == "harness-nvml-off")
              and not (not a.sampler_process and k == "harness-sampler-process")]
     runs: list[dict] = []
+    interrupted = False
     sweep = Sweep(cfg, facts, command="benchmarks/overhead.py " + " ".join(sys.argv[1:] if argv is None else argv),
                   total=len(cfg.cells) * a.reps * (len(kinds) - 1))
     try:
@@ -140,13 +141,16 @@ def main(argv=None) -> int:
                                                        "memory_sampler", "sampler_mode", "fixed_cost_s",
                                                        "wall_time_s", "cell_id")}
                     runs.append(dict(res, cell=short_name(cell), kind=kind, rep=k))
+    except KeyboardInterrupt:  # the job's hard stop: report what ran
+        interrupted = True
     finally:
         sweep.close()
     rows = overhead_rows(runs)
     env = sweep.env or {}
     where = (f"{env.get('gpu_name') or 'CPU'}; torch {((env.get('packages') or {}).get('torch'))}; "
              f"{a.model}, {a.warmup_steps} warm-up + {a.steps} measured steps, {a.reps} repetitions"
-             + (f"; stopped at the {a.time_limit:g} s time limit" if deadline.passed() else ""))
+             + (f"; stopped at the {a.time_limit:g} s time limit" if deadline.passed() else "")
+             + ("; interrupted" if interrupted else ""))
     md = overhead_markdown(rows, note=f"Host: {where}. Harness records: `harness-run/`; bare runs: `bare/`.")
     write_outputs(out, "overhead", {"rows": rows, "runs": runs, "host": where, "elapsed_s": deadline.elapsed(),
                                     "env": {k: env.get(k) for k in ("hostname", "gpu_name", "worker_mode",
@@ -155,7 +159,7 @@ def main(argv=None) -> int:
     failed = [r for r in runs if r.get("status") != "ok"]
     for r in failed:
         print(f"[overhead] {r['cell']} r{r['rep']} {r['kind']}: {r.get('status')}: {r.get('error')}", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or interrupted else 0
 
 
 if __name__ == "__main__":

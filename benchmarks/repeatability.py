@@ -51,24 +51,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_cells(a, out: Path, deadline: Deadline) -> tuple[list[dict], str]:
     cells = parse_cells(a.cells)
     records: list[dict] = []
-    servers = a.reps if a.fresh_server else 1
-    host = "?"
+    env: dict = {}
+    interrupted = False
     command = "benchmarks/repeatability.py " + " ".join(sys.argv[1:])
-    for s in range(servers):
+    for s in range(a.reps if a.fresh_server else 1):
         run_dir = out / (f"run-r{s}" if a.fresh_server else "run")
         cfg, facts = sweep_config(model=a.model, cells=cells, run_dir=run_dir, steps=a.steps,
                                   warmup_steps=a.warmup_steps, device=a.device, cache_dir=a.cache_dir,
                                   cell_timeout=a.cell_timeout, nvml_period_ms=a.nvml_period_ms)
         reps = [s] if a.fresh_server else range(a.reps)
         with Sweep(cfg, facts, command=command, total=len(cfg.cells) * len(reps)) as sweep:
-            for k in reps:
-                for cell in cfg.cells:
-                    if deadline.passed():
-                        break
-                    records.append(sweep.run(cell.replace(tag=f"r{k}")))
-            env = sweep.env or {}
-            host = f"{env.get('gpu_name') or 'CPU'}; torch {(env.get('packages') or {}).get('torch')}"
-    return records, host
+            try:
+                for k in reps:
+                    for cell in cfg.cells:
+                        if not deadline.passed():
+                            records.append(sweep.run(cell.replace(tag=f"r{k}")))
+            except KeyboardInterrupt:  # the job's hard stop: report what ran
+                interrupted = True
+            env = sweep.env or env
+        if interrupted:
+            break
+    host = f"{env.get('gpu_name') or 'CPU'}; torch {(env.get('packages') or {}).get('torch')}"
+    return records, host + ("; interrupted" if interrupted else "")
 
 
 def main(argv=None) -> int:
