@@ -10,6 +10,7 @@ pytest plugin uses. User errors end in one line on stderr and exit code 2.
     lora-harness fit [options]     longest trainable context per VRAM budget (harness.fitcli)
     lora-harness tables RUN_DIR    the compatibility and stability tables of a run folder
     lora-harness agree RUN_A RUN_B do two runs of the same cells agree (issue 8; harness.cli_report)
+    lora-harness sweep-cost RUN_DIR  fixed cost per cell and totals of a run (harness.perfcli)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 from typing import Any, Sequence
 
 from harness import cli_report
+from harness import perfcli  # issue 7
 from harness import env as env_mod
 from harness.options import OPTIONS, build_config
 from harness.spec import SpecError
@@ -59,6 +61,7 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("run_dir")
     cli_report.add_commands(sub)  # issue 3: report, compare (each sets its handler)
     cli_report.add_scale_commands(sub)  # issue 8: agree (serial vs parallel runs)
+    perfcli.add_commands(sub)  # issue 7: sweep-cost
     # issue 5: fit
     fit = sub.add_parser("fit", help="longest trainable context per VRAM budget, by real cells under emulated budgets")
     _add_sweep_options(fit)

@@ -77,8 +77,9 @@ def make_sample_arrays(geom: VisionGeometry, lay: Layout, *, vocab_size: int, ba
 
 
 def make_batches(geom: VisionGeometry, *, seq_len: int, image_count: int, image_size_px: int, vocab_size: int,
-                 batch_size: int, n_batches: int, seed: int) -> tuple[Layout, list[dict[str, Any]]]:
-    """The layout and one batch per step (batch i drawn from seed (seed, i), as for text)."""
+                 batch_size: int, n_batches: int, seed: int, start: int = 0) -> tuple[Layout, list[dict[str, Any]]]:
+    """The layout and one batch per step (batch i drawn from seed (seed, i), as for text),
+    for steps ``start`` ... ``start + n_batches - 1``."""
     lay = layout(geom, seq_len, image_count, image_size_px)
     return lay, [make_sample_arrays(geom, lay, vocab_size=vocab_size, batch_size=batch_size,
-                                    seed=seed * 100_003 + i) for i in range(n_batches)]
+                                    seed=seed * 100_003 + i) for i in range(start, start + n_batches)]

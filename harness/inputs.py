@@ -42,8 +42,11 @@ def text_config(config: Any) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def build(spec, config: Any, preset: dict[str, Any] | None, n_steps: int) -> StepInputs:
-    """``n_steps`` batches for ``spec`` on a model with this (transformers) ``config``."""
+def build(spec, config: Any, preset: dict[str, Any] | None, n_steps: int, start: int = 0) -> StepInputs:
+    """``n_steps`` batches for ``spec`` on a model with this (transformers) ``config``;
+    ``start`` > 0 gives the batches of steps ``start``, ``start + 1``, ... (the same ones a
+    single call for more steps would have built: issue 7's adaptive window extends its
+    batches this way)."""
     import numpy as np
     import torch
 
@@ -54,7 +57,7 @@ def build(spec, config: Any, preset: dict[str, Any] | None, n_steps: int) -> Ste
     if model_kind(config) == "causal-lm":
         if spec.image_count or spec.image_size_px:
             raise ValueError(f"{spec.model} takes no images (--images / --image-size are for vision-language models)")
-        arrays = data.make_batches(vocab, spec.seq_len, spec.batch_size, n_steps, spec.seed)
+        arrays = data.make_batches(vocab, spec.seq_len, spec.batch_size, n_steps, spec.seed, start=start)
         batches = []
         for a in arrays:
             ids = torch.from_numpy(a)
@@ -68,7 +71,8 @@ def build(spec, config: Any, preset: dict[str, Any] | None, n_steps: int) -> Ste
     size = size if spec.image_size_px is None else spec.image_size_px
     geom = VisionGeometry.from_config(config)
     lay, arrays = data_vlm.make_batches(geom, seq_len=spec.seq_len, image_count=count, image_size_px=size,
-                                       vocab_size=vocab, batch_size=spec.batch_size, n_batches=n_steps, seed=spec.seed)
+                                       vocab_size=vocab, batch_size=spec.batch_size, n_batches=n_steps, seed=spec.seed,
+                                       start=start)
     batches = [{k: torch.from_numpy(v) for k, v in a.items()} for a in arrays]
     labels = arrays[0]["labels"][0]
     info = {

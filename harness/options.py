@@ -13,7 +13,7 @@ from harness.budget import apply_vram_budgets
 from harness.gpus import parse_gpus
 from harness.matrix import PRESETS, axes_for, expand, split_list
 from harness.models import check_cell, resolve_model
-from harness.spec import CellSpec, LoraSpec, SpecError
+from harness.spec import CellSpec, LoraSpec, SpecError, WindowSpec
 
 GPU_DEFAULT_MODEL = "llama-3.1-8b"
 CPU_DEFAULT_MODEL = "tiny-llama"
@@ -56,7 +56,8 @@ OPTIONS: tuple[Opt, ...] = (
                         "without)", kind="float"),
     Opt("fail-on-oom", "count out-of-memory cells as failures (default: they are measurements)", kind="flag"),
     Opt("cache-dir", "folder for synthetic checkpoints (default $LORA_HARNESS_CACHE or ~/.cache/lora-harness)"),
-    Opt("nvml-period-ms", "NVML sampling period in milliseconds (default 5)", kind="float"),
+    Opt("nvml-period-ms", "NVML sampling period in milliseconds (default 5; 0 turns the sampler off: no NVML peak "
+                          "is recorded)", kind="float"),
     Opt("no-prune", "run cells that must run out of memory (a shorter cell of the same row already did) instead of "
                     "recording them as pruned OOMs", kind="flag"),
     # issue 3: reports
@@ -109,6 +110,18 @@ OPTIONS: tuple[Opt, ...] = (
                 "nvidia-smi shows them (0,1) or all (default: serial on the first visible GPU)"),
     Opt("baseline-across-gpus", "--baseline: also compare cells measured on different GPU models (default: a "
                                 "cell is compared only with the same cell on the same GPU model)", kind="flag"),
+    # issue 7: perf (harness.perf; the window's rule is in its docstring and benchmarks/README.md)
+    Opt("adaptive-steps", "adaptive measured window: --steps is the minimum; stop once the median step time is "
+                          "stable, the window's time cap is reached, or at --max-steps", kind="flag"),
+    Opt("max-steps", "adaptive window: most measured steps (default 50)", kind="int"),
+    Opt("window-time-cap", "adaptive window: stop after this many seconds of measured steps, once --steps ran "
+                           "(default 30)", kind="float"),
+    Opt("stable-rel", "adaptive window: stable when the running median moved by at most this fraction over the "
+                      "last 3 steps (default 0.01)", kind="float"),
+    Opt("sampler-mode", "where the NVML sampler polls from: thread (default, in the cell's process) or process (a "
+                        "small process of its own, which never holds the training loop's Python lock)"),
+    Opt("int8-prequantized", "int8 cells of presets load a pre-quantised int8 checkpoint (written once per cache "
+                             "folder) instead of converting the bf16 one at every load", kind="flag"),
 )
 
 
@@ -126,9 +139,16 @@ class SweepConfig:
     prune: bool = True
     options: dict[str, Any] = field(default_factory=dict)
     gpus: tuple = ()  # issue 8: harness.gpus.GpuSlot per --gpus entry; () = serial, as before
+    int8_prequantized: bool = False  # issue 7
+    sampler_mode: str = "thread"  # issue 7
 
     def worker_opts(self) -> dict[str, Any]:
-        return {"device": self.device, "cache_dir": self.cache_dir, "nvml_period_s": self.nvml_period_s}
+        opts = {"device": self.device, "cache_dir": self.cache_dir, "nvml_period_s": self.nvml_period_s}
+        if self.int8_prequantized:  # issue 7
+            opts["int8_prequantized"] = True
+        if self.sampler_mode != "thread":  # issue 7
+            opts["sampler_mode"] = self.sampler_mode
+        return opts
 
 
 def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
@@ -152,6 +172,9 @@ def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
     fixed.update({k: v[n] for k, n in (("image_count", "images"), ("image_size_px", "image-size")) if v[n] is not None})
     if v["lora-vision"]:
         lora_kw["include_vision"] = True
+    window = window_from_options(v)  # issue 7: perf
+    if window is not None:
+        fixed["window"] = window
     cells = expand(axes, model_paths={r.name: r.path for r in refs}, lora=LoraSpec(**lora_kw), **fixed)
     cells = apply_vram_budgets(cells, v["vram-budget"], facts, gpu)  # issue 5: fit
     cells = [check_cell(c) for c in cells]  # image settings against each model (issue 6)
@@ -159,8 +182,13 @@ def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
     if timeout <= 0:
         raise SpecError("--cell-timeout must be positive")
     period_ms = v["nvml-period-ms"] if v["nvml-period-ms"] is not None else 5.0
-    if period_ms <= 0:
-        raise SpecError("--nvml-period-ms must be positive")
+    if period_ms < 0:  # issue 7: 0 turns the sampler off
+        raise SpecError("--nvml-period-ms must be positive, or 0 to turn the sampler off")
+    sampler_mode = (v["sampler-mode"] or "thread").lower()  # issue 7
+    if sampler_mode not in ("thread", "process"):
+        raise SpecError(f"--sampler-mode must be thread or process, got {v['sampler-mode']!r}")
+    if period_ms == 0 and v["vram-budget"]:
+        raise SpecError("--vram-budget judges cells by the sampled NVML peak: it needs --nvml-period-ms > 0")
     gpus = parse_gpus(v["gpus"], facts, device)  # issue 8
     if gpus and any(c.world_size > 1 for c in cells):
         raise SpecError("--gpus runs one-GPU cells side by side; cells with --world-size above 1 take the host's "
@@ -169,4 +197,17 @@ def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
                        resume=bool(v["resume"]), fail_on_oom=bool(v["fail-on-oom"]), cell_timeout_s=float(timeout),
                        cache_dir=v["cache-dir"], nvml_period_s=period_ms / 1000.0, prune=not v["no-prune"],
                        options={k: val for k, val in v.items() if val not in (None, False)},
-                       gpus=gpus)
+                       int8_prequantized=bool(v["int8-prequantized"]), sampler_mode=sampler_mode, gpus=gpus)
+
+
+def window_from_options(v: dict[str, Any]) -> WindowSpec | None:
+    """issue 7: the adaptive window the options ask for (None: a fixed window). The window's
+    own options without --adaptive-steps are an error, never silently ignored."""
+    given = {k: v.get(k) for k in ("max-steps", "window-time-cap", "stable-rel") if v.get(k) is not None}
+    if not v.get("adaptive-steps"):
+        if given:
+            raise SpecError(f"--{', --'.join(given)} only apply with --adaptive-steps")
+        return None
+    kw = {name: given[opt] for name, opt in (("max_steps", "max-steps"), ("time_cap_s", "window-time-cap"),
+                                            ("stable_rel", "stable-rel")) if opt in given}
+    return WindowSpec(**kw)

@@ -42,6 +42,9 @@ class JobOutcome:
     log_path: str
     pid: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # issue 7: time.monotonic() when the job was sent and when its exit was seen
+    t_submit: float | None = None
+    t_exit: float | None = None
 
 
 def _log_tail(path: str, n: int = 6) -> str:
@@ -61,7 +64,9 @@ def classify(out: JobOutcome, timeout_s: float) -> dict[str, Any]:
         return {"status": Status.TIMEOUT.value,
                 "error": f"killed after the cell's {timeout_s:g} s limit; log ends: {_log_tail(out.log_path, 3)}"}
     if out.result is not None:
-        return dict(out.result)
+        from harness.perf import attach_timers  # issue 7: the parent's half of the phase timers
+
+        return attach_timers(dict(out.result), t_submit=out.t_submit, t_exit=out.t_exit, wall_s=out.wall_s)
     if out.signal is not None:
         try:
             name = signal.Signals(out.signal).name
@@ -224,7 +229,7 @@ class ForkServerRunner:
                 result = None
             os.remove(result_path)  # its content goes into the record
         out = JobOutcome(job_id, result, exited.get("returncode"), exited.get("signal"), timed_out and result is None,
-                         wall, str(log_path), pid)
+                         wall, str(log_path), pid, t_submit=t0, t_exit=t0 + wall)
         if exited.get("server_died"):
             out.extra["server_died"] = True
         return out

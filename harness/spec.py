@@ -67,6 +67,32 @@ class LoraSpec:
 
 
 @dataclass(frozen=True)
+class WindowSpec:
+    """issue 7: an adaptive measured window (``harness.perf.window_decision`` is the rule).
+
+    The cell's ``steps`` is the minimum; after it the window stops as soon as the median
+    of all measured step times so far has moved by at most ``stable_rel`` (relative to
+    the latest median) over the last ``stable_steps`` steps, or once the measured steps
+    have taken ``time_cap_s`` seconds in all, or at ``max_steps``.
+    """
+
+    max_steps: int = 50
+    time_cap_s: float = 30.0
+    stable_rel: float = 0.01
+    stable_steps: int = 3
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise SpecError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if not self.time_cap_s > 0:
+            raise SpecError(f"the window's time cap must be positive, got {self.time_cap_s}")
+        if not self.stable_rel > 0:
+            raise SpecError(f"--stable-rel must be positive, got {self.stable_rel}")
+        if self.stable_steps < 1:
+            raise SpecError(f"the stability rule needs >= 1 step, got {self.stable_steps}")
+
+
+@dataclass(frozen=True)
 class CellSpec:
     """One cell of the matrix. Frozen: a value, hashable, serialisable to JSON."""
 
@@ -102,6 +128,9 @@ class CellSpec:
     # the work: "ddp" (default when world_size > 1) or "fsdp". None when world_size is 1.
     world_size: int = 1
     parallel: str | None = None
+    # issue 7: an adaptive measured window (None: exactly ``steps`` measured steps). Like
+    # ``steps`` it is a measurement setting, not part of the id.
+    window: WindowSpec | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", normalize_precision(self.precision))
@@ -134,6 +163,11 @@ class CellSpec:
             if par not in PARALLEL_STRATEGIES:
                 raise SpecError(f"unknown parallel strategy {self.parallel!r}; choose from {', '.join(PARALLEL_STRATEGIES)}")
         object.__setattr__(self, "parallel", par)
+        if self.window is not None and self.world_size > 1:
+            raise SpecError("an adaptive measured window is decided per process; torchrun cells (world size > 1) "
+                            "measure a fixed number of steps (drop --adaptive-steps for them)")
+        if self.window is not None and self.window.max_steps < self.steps:
+            raise SpecError(f"--max-steps ({self.window.max_steps}) is below the minimum of {self.steps} measured steps")
         if not self.model or "/" in self.model:
             raise SpecError(f"model name must be a preset name or a checkpoint's short name, got {self.model!r}")
 
@@ -169,6 +203,11 @@ class CellSpec:
         return "/".join(parts)
 
     @property
+    def max_measured_steps(self) -> int:
+        """Measured steps the cell may run: ``steps``, or the adaptive window's maximum."""
+        return self.window.max_steps if self.window is not None else self.steps
+
+    @property
     def tokens_per_step(self) -> int:
         return self.seq_len * self.batch_size
 
@@ -188,11 +227,12 @@ class CellSpec:
     def from_dict(cls, data: dict[str, Any]) -> "CellSpec":
         data = dict(data)
         lora = data.pop("lora", None) or {}
+        window = data.pop("window", None)  # absent in records older than issue 7
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise SpecError(f"unknown cell fields: {', '.join(sorted(unknown))}")
-        return cls(lora=LoraSpec(**lora), **data)
+        return cls(lora=LoraSpec(**lora), window=WindowSpec(**window) if window else None, **data)
 
     def replace(self, **changes: Any) -> "CellSpec":
         return dataclasses.replace(self, **changes)

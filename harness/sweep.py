@@ -54,6 +54,7 @@ class Sweep:
         self.runner = self._new_runner(store.dir / "logs")
         t0 = time.monotonic()
         ready = self.runner.start()
+        server_s = time.monotonic() - t0  # issue 7: the sweep's fixed cost (env.json)
         self.out(f"lora-harness: worker server ready in {time.monotonic() - t0:.1f} s "
                  f"(libraries imported once in {ready.get('preload_s', 0):.1f} s; cells start by {ready.get('mode')})")
         for err in ready.get("preload_errors") or []:
@@ -63,6 +64,8 @@ class Sweep:
         self.env["worker_mode"] = ready.get("mode")
         self.env["worker_mode_reason"] = ready.get("why")
         self.env["worker_preload_s"] = ready.get("preload_s")
+        self.env["worker_start_s"] = server_s  # issue 7: server start, preload included
+        self.env["env_collect_s"] = env_out.wall_s  # issue 7
         store.write_json("env.json", self.env)
         meta = store.read_json("run.json") or {}
         invocations = meta.get("invocations", [])

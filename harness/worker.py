@@ -18,6 +18,7 @@ so in ``ready`` and falls back to fork+exec: slower, still one process per job.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import os
@@ -76,6 +77,7 @@ def _write_atomic(path: str, data: dict[str, Any]) -> None:
 
 def run_job_here(job: dict[str, Any]) -> int:
     """Run one job in this (fresh) process: the body of every cell's process."""
+    t_start = time.monotonic()  # issue 7: the process's start on the parent's clock (harness.perf)
     import faulthandler
 
     for k, v in (job.get("env") or {}).items():
@@ -89,9 +91,19 @@ def run_job_here(job: dict[str, Any]) -> int:
     _limit_address_space()
     print(f"[worker {os.getpid()}] job {job.get('job_id')}: {job['target']}", flush=True)
     try:
-        result = _resolve(job["target"])(**(job.get("args") or {}))
+        target = _resolve(job["target"])
+        # issue 7: move every object alive now (the libraries' ~450k objects, imported by the
+        # server or just now in spawn mode) out of the collector's reach. Otherwise the first
+        # full collection in a cell walks them all inside a timed step: +0.2-0.5 s once per
+        # cell, the outlier step of the H200 reference run's gc-on cells. Objects the job
+        # creates are collected as before. (Python's docs advise this for fork servers.)
+        gc.freeze()
+        result = target(**(job.get("args") or {}))
         if not isinstance(result, dict):
             result = {"status": "error", "error": f"job returned {type(result).__name__}, not a dict"}
+        elif "_t_cell_start" in result:  # a cell: the parent turns this into phase_spawn_s
+            result["_t_child_start"] = t_start
+            result["gc_frozen_objects"] = gc.get_freeze_count()
     except BaseException as exc:  # noqa: BLE001 - the runner classifies; never lose the reason
         from harness.result import is_oom_message
 

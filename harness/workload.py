@@ -22,6 +22,7 @@ import traceback
 from typing import Any
 
 from harness import flops as flops_mod
+from harness import perf
 from harness.checkpointing import CheckpointProofError
 from harness.precision import (PrecisionProofError, compute_dtype_name, count_layers, get_mode,
                                load_kwargs, verify_layers)
@@ -137,7 +138,8 @@ class CellHooks:
     def load(self, spec: CellSpec, load_kwargs: dict[str, Any], device, opts: dict[str, Any]):
         from harness.models.build import load_model
 
-        return load_model(spec, load_kwargs=load_kwargs, device=str(device), cache_dir=opts.get("cache_dir"), log=_log)
+        return load_model(spec, load_kwargs=load_kwargs, device=str(device), cache_dir=opts.get("cache_dir"), log=_log,
+                          prequantized_int8=_prequantize_int8(spec, opts))
 
     def wrap(self, model, evidence):
         """The module a step calls (DDP wraps the LoRA model; FSDP shards it in place)."""
@@ -163,11 +165,13 @@ class CellHooks:
 def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None,
              hooks: CellHooks | None = None) -> dict[str, Any]:
     """Run one cell in this process; returns the worker half of the result record."""
+    # issue 7: the cell's timeline in phases (harness.perf; docs/results-schema.md)
+    clock = perf.PhaseClock("imports")
     opts = opts or {}
     hooks = hooks or CellHooks()
     spec = CellSpec.from_dict(spec_dict)
     out = _Partial(status=Status.ERROR.value, error=None, losses=[], step_times_s=[], loaded_layers=None,
-                   grad_ckpt_evidence=None)
+                   grad_ckpt_evidence=None, _t_cell_start=clock.start)
     sampler = None
     device = None
     guard = None  # issue 5: VRAM budget emulation (harness.vram_budget)
@@ -175,6 +179,7 @@ def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None,
         import torch
         from harness.trackers.memory import MemorySampler, nvml_index_for_visible_device
 
+        clock.begin("checkpoint_write")
         if opts.get("device", "auto") != "cpu":
             # issue 5: no cell pays for writing the synthetic checkpoint (a bf16 model on the
             # device): under a budget it would not fit, without one it inflates the peaks
@@ -182,6 +187,12 @@ def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None,
 
             if prepare_checkpoint(spec, opts):
                 out["checkpoint_written_before_cell"] = True
+            if _prequantize_int8(spec, opts):  # issue 7: the int8 checkpoint, written once
+                from harness.models.build import prepare_prequantized_int8
+
+                if prepare_prequantized_int8(spec, opts):
+                    out["checkpoint_written_before_cell"] = True
+        clock.begin("device_init")
         # NVML's baseline is read before this process initialises CUDA.
         want_cuda = opts.get("device", "auto") != "cpu"
         # issue 8: the NVML device is the one CUDA_VISIBLE_DEVICES pins this process to
@@ -194,16 +205,17 @@ def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None,
                 nvml_index = nvml_index_for_visible_device(hooks.nvml_ordinal)
             except Exception as exc:  # noqa: BLE001 - LookupError, or NVML missing
                 pin_error = f"{type(exc).__name__}: {exc}"
+        mode = opts.get("sampler_mode", "thread")  # issue 7: thread or process
         sampler = MemorySampler(use_nvml=want_cuda and pin_error is None,
-                                period_s=float(opts.get("nvml_period_s", 0.005)), nvml_index=nvml_index)
+                                period_s=float(opts.get("nvml_period_s", 0.005)), nvml_index=nvml_index, mode=mode)
         if want_cuda and not sampler.nvml_ok:
-            sampler = MemorySampler(use_nvml=False, period_s=sampler.period_s)
+            sampler = MemorySampler(use_nvml=False, period_s=sampler.period_s, mode=mode)
             sampler.nvml_error = pin_error
         sampler.start()
         device = hooks.device(opts.get("device", "auto"))
         if device.type != "cuda" and sampler.nvml_ok:
             sampler.stop()
-            sampler = MemorySampler(use_nvml=False, period_s=sampler.period_s).start()
+            sampler = MemorySampler(use_nvml=False, period_s=sampler.period_s, mode=mode).start()
         out["device"] = device.type
         out["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         out["memory_metric"] = "vram" if device.type == "cuda" else "rss"
@@ -217,7 +229,7 @@ def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None,
             guard.start()
         elif spec.vram_budget_bytes is not None:
             raise Unsupported("a VRAM budget needs a CUDA device; this cell runs on the CPU")
-        _run(spec, opts, device, sampler, out, guard, hooks)
+        _run(spec, opts, device, sampler, out, guard, clock, hooks)
         out["status"] = Status.OK.value
     except (Unsupported, BudgetUnusable, CheckpointTooLarge) as exc:
         out["status"] = Status.UNSUPPORTED.value
@@ -238,6 +250,10 @@ def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None,
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
     finally:
+        # issue 7: the cell's work ends here; what follows (and the process's exit) is the
+        # teardown, measured by the parent up to the moment it sees the process end
+        out["_t_body_end"] = clock.begin(None)
+        out.update(clock.fields())
         if sampler is not None:
             sampler.energy_stop()
             sampler.stop()
@@ -256,7 +272,13 @@ def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None,
 
 
 
-def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, guard=None,
+def _prequantize_int8(spec: CellSpec, opts: dict[str, Any]) -> bool:
+    """issue 7: whether this cell loads int8 weights from a pre-quantised checkpoint."""
+    return bool(opts.get("int8_prequantized")) and spec.precision == "int8" and not spec.model_path \
+        and spec.resolved_load() == "pretrained"
+
+
+def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, guard=None, clock=None,
          hooks: CellHooks | None = None) -> None:
     hooks = hooks or CellHooks()
     import contextlib
@@ -275,6 +297,7 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
         hf_logging.disable_progress_bar()
     except Exception:  # cosmetic only
         pass
+    clock = clock or perf.PhaseClock("device_init")
     out["phase"] = "check"
     check_support(spec, device)
     mode = get_mode(spec.precision)
@@ -285,12 +308,16 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
     out["compute_dtype"] = mode.weight_dtype or compute
 
     out["phase"] = "load"
+    clock.begin("model_load")
     _log(f"loading {spec.model} ({spec.precision}, {spec.resolved_load()}) on {device}")
     kw = load_kwargs(spec.precision, bf16_supported=bf16_ok, skip_modules=skips)
     model, info = hooks.load(spec, kw, device, opts)
     out.update(info)
 
     out["phase"] = "prepare"
+    clock.begin("lora_wrap")
+    # a checkpoint written (or looked up) inside the load is not the load
+    clock.move(info.get("checkpoint_prepare_s") or 0.0, "model_load", "checkpoint_write")
     evidence = checkpointing.apply(model, spec.grad_ckpt)
     lcfg = peft.LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                            target_modules=_lora_target(spec), bias="none", task_type="CAUSAL_LM",
@@ -327,9 +354,13 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
     out["loss_scaling"] = bool(use_scaler)
 
     cfg = model.config
-    n_total = spec.warmup_steps + spec.steps
+    clock.begin("data_prep")
+    n_warm = spec.warmup_steps
+    n_total = n_warm + spec.steps  # the least a cell runs; an adaptive window may run more
+    n_max = n_warm + spec.max_measured_steps
     # The batch builder follows the model's kind (text, or images + text for a VLM).
     step_inputs = inputs.build(hooks.batch_spec(spec), cfg, preset, n_total)
+    batches = list(step_inputs.batches)
     out.update(step_inputs.info)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     timer = StepTimer(sync)
@@ -338,11 +369,22 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
     skipped = 0
     lora_params_with_grad = None
     out["phase"] = "train"
-    _log(f"training: {spec.warmup_steps} warm-up + {spec.steps} measured steps of {spec.tokens_per_step} tokens")
-    for i in range(n_total):
-        if i == spec.warmup_steps:
+    w = spec.window
+    window_rule = "fixed" if w is None else None
+    _log(f"training: {spec.warmup_steps} warm-up + " + (f"{spec.steps} measured steps" if w is None else
+         f"{spec.steps}-{w.max_steps} measured steps (adaptive: stable within {w.stable_rel:.1%} over "
+         f"{w.stable_steps} steps, or {w.time_cap_s:g} s)") + f" of {spec.tokens_per_step} tokens")
+    clock.begin("warmup")
+    gc_watch = _GcWatch().start()  # issue 7: collector pauses during the steps, for the record
+    i = 0
+    while True:
+        if i == n_warm:
             sampler.energy_start()
-        batch = inputs.to_device(step_inputs.batches[i], device)
+            clock.begin("measured")
+        if i >= len(batches):  # an adaptive window ran past the batches built: more, outside the timer
+            more = min(n_max - len(batches), max(8, spec.steps))
+            batches.extend(inputs.build(hooks.batch_spec(spec), cfg, preset, more, start=len(batches)).batches)
+        batch = inputs.to_device(batches[i], device)
         hooks.before_step(i, sync)
         timer.start()
         evidence.enter("forward")
@@ -369,13 +411,31 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
         out["losses"].append(lv)
         if not math.isfinite(lv) and "nonfinite_diagnosis" not in out and hooks.diagnose_nonfinite:
             _diagnose_nonfinite(model, batch, autocast, i, lv, out)
-        _log(f"step {i + 1}/{n_total}{' (warm-up)' if i < spec.warmup_steps else ''}: loss {lv:.4f}, {dt * 1000:.1f} ms")
+        _log(f"step {i + 1}/{n_total if w is None else n_max}{' (warm-up)' if i < n_warm else ''}: loss {lv:.4f}, "
+             f"{dt * 1000:.1f} ms")
+        i += 1
+        if i <= n_warm:
+            continue
+        if w is None:
+            if i >= n_total:
+                break
+        else:
+            window_rule = perf.window_decision(timer.times[n_warm:], min_steps=spec.steps, max_steps=w.max_steps,
+                                               time_cap_s=w.time_cap_s, stable_rel=w.stable_rel,
+                                               stable_steps=w.stable_steps)
+            if window_rule:
+                break
+    n_total = i
     sync()
     sampler.energy_stop()
     hooks.after_train(model, out)
+    out["gc_pauses"] = gc_watch.stop()
+    clock.begin("verify")
     out["phase"] = "verify"
-    out["step_times_s"] = timer.times[spec.warmup_steps:]
-    out["warmup_step_times_s"] = timer.times[: spec.warmup_steps]
+    out["step_times_s"] = timer.times[n_warm:]
+    out["warmup_step_times_s"] = timer.times[:n_warm]
+    out["measured_steps"] = len(out["step_times_s"])
+    out["window_rule"] = window_rule
     out["scaler_skipped_steps"] = skipped if use_scaler else None
     ev = evidence.to_dict(spec.grad_ckpt, n_total)
     ev["lora_params_with_grad"] = lora_params_with_grad
@@ -409,6 +469,39 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
     out["lora_matmul_params"] = lora_mm
     out["_energy"] = sampler.energy_j
     del np
+
+
+class _GcWatch:
+    """Python's garbage collections during the training loop (issue 7): how many per
+    generation and how long they took in all. A full (generation 2) collection walks
+    every tracked object; the worker freezes the libraries' objects first
+    (``harness.worker``), so what remains is the cell's own."""
+
+    def __init__(self) -> None:
+        self.counts = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self._t0 = 0.0
+
+    def _cb(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            g = int(info.get("generation", 0))
+            self.counts[g] += 1
+            self.seconds[g] += time.perf_counter() - self._t0
+
+    def start(self) -> "_GcWatch":
+        import gc
+
+        gc.callbacks.append(self._cb)
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        import gc
+
+        if self._cb in gc.callbacks:
+            gc.callbacks.remove(self._cb)
+        return {"collections": list(self.counts), "seconds": [round(s, 6) for s in self.seconds]}
 
 
 def _diagnose_nonfinite(model, batch, autocast, step: int, loss: float, out: _Partial) -> None:

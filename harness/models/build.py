@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,17 @@ def _write_checkpoint(preset: dict[str, Any], final: Path, *, device: str, log) 
     log(f"checkpoint written in {time.perf_counter() - t0:.1f} s")
 
 
+def ensure_checkpoint_job(model: str, cache_dir: str | None = None, device: str = "auto") -> dict[str, Any]:
+    """A worker job (issue 7's benchmarks): write ``model``'s synthetic checkpoint if needed,
+    on the GPU where there is one, and say where it is."""
+    import torch
+
+    dev = "cuda:0" if device != "cpu" and torch.cuda.is_available() else "cpu"
+    t0 = time.perf_counter()
+    path = ensure_checkpoint(get_preset(model), device=dev, cache_dir=cache_dir, log=lambda m: print(m, flush=True))
+    return {"status": "ok", "path": str(path), "seconds": time.perf_counter() - t0}
+
+
 def load_pretrained(path: str | os.PathLike, *, load_kwargs: dict[str, Any], device: str, attn_implementation: str):
     """The real ``from_pretrained`` path (quantisation configs go through it)."""
     from transformers import AutoConfig
@@ -189,8 +201,92 @@ def load_pretrained(path: str | os.PathLike, *, load_kwargs: dict[str, Any], dev
     )
 
 
-def load_model(spec, *, load_kwargs: dict[str, Any], device: str, cache_dir: str | None = None, log=print):
-    """Model for a cell, by the cell's load path. Returns (model, load_info)."""
+# -- issue 7: pre-quantised int8 checkpoints ----------------------------------------------
+# Loading the 8B shape with load_in_8bit takes ~20 s on the H200 (transformers' 8-bit
+# conversion of every weight), against ~3 s for 4-bit. bitsandbytes' int8 layers serialise
+# (int8 weights + their SCB row scales), so the conversion can be done once per cache
+# folder: the first int8 cell's worker loads the bf16 checkpoint with the cell's
+# BitsAndBytesConfig, saves the quantised model, and every int8 cell loads that folder
+# through the same ``from_pretrained`` call. The quantisation is deterministic, so the
+# layers and their weights are the ones the conversion gives (tested on the CPU backend:
+# the same int8 weights, scales and losses).
+
+
+def prequantized_int8_dir(preset: dict[str, Any], load_kwargs: dict[str, Any], device: str,
+                          cache_dir: str | None = None) -> Path:
+    """Cache folder of ``preset``'s int8 checkpoint for these loading settings: keyed by
+    the base checkpoint, the int8 settings, the compute dtype, bitsandbytes' version and
+    the device kind (each backend quantises with its own kernel)."""
+    import bitsandbytes
+
+    qc = load_kwargs["quantization_config"]
+    key_data = {"base": checkpoint_dir(preset, cache_dir).name, "threshold": qc.llm_int8_threshold,
+                "skip": list(qc.llm_int8_skip_modules or []), "fp16_weight": qc.llm_int8_has_fp16_weight,
+                "dtype": str(load_kwargs.get("dtype")), "bnb": bitsandbytes.__version__,
+                "device": str(device).split(":")[0]}
+    key = hashlib.sha1(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:10]
+    return cache_root(cache_dir) / "checkpoints" / f"{preset['name']}-int8-{key}"
+
+
+def ensure_prequantized_int8(preset: dict[str, Any], *, load_kwargs: dict[str, Any], device: str,
+                             cache_dir: str | None = None, log=print) -> Path:
+    """The int8 checkpoint of ``preset``, written on first use (atomically, like the bf16 one)."""
+    final = prequantized_int8_dir(preset, load_kwargs, device, cache_dir)
+    if (final / "config.json").is_file() and (final / ".complete").is_file():
+        return final
+    base = ensure_checkpoint(preset, device=device, cache_dir=cache_dir, log=log)
+    import torch
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    t0 = time.perf_counter()
+    log(f"writing the pre-quantised int8 checkpoint of {preset['name']} to {final} (once)")
+    model = load_pretrained(base, load_kwargs=load_kwargs, device=device, attn_implementation="sdpa")
+    model.save_pretrained(tmp)
+    (tmp / ".complete").write_text(json.dumps({"preset": preset["name"], "from": str(base)}))
+    del model
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another worker finished first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"int8 checkpoint written in {time.perf_counter() - t0:.1f} s")
+    return final
+
+
+def prepare_prequantized_int8(spec, opts: dict[str, Any]) -> bool:
+    """On a CUDA host, write the int8 checkpoint before the cell measures anything (like
+    ``harness.vram_budget.prepare_checkpoint`` for the bf16 one); returns whether it wrote."""
+    import gc
+
+    import torch
+
+    from harness.precision import load_kwargs as precision_kwargs
+
+    if not torch.cuda.is_available():
+        return False
+    preset = get_preset(spec.model)
+    from harness.models import skip_modules
+
+    kw = precision_kwargs("int8", bf16_supported=bool(torch.cuda.is_bf16_supported(including_emulation=False)),
+                          skip_modules=skip_modules(preset))
+    if (prequantized_int8_dir(preset, kw, "cuda", opts.get("cache_dir")) / ".complete").is_file():
+        return False
+    ensure_prequantized_int8(preset, load_kwargs=kw, device="cuda:0", cache_dir=opts.get("cache_dir"),
+                             log=lambda m: print(m, flush=True))
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return True
+
+
+def load_model(spec, *, load_kwargs: dict[str, Any], device: str, cache_dir: str | None = None, log=print,
+               prequantized_int8: bool = False):
+    """Model for a cell, by the cell's load path. Returns (model, load_info).
+
+    ``prequantized_int8`` (issue 7; int8 cells of presets): load the pre-quantised int8
+    checkpoint (written on first use) through the same ``from_pretrained`` call."""
     t0 = time.perf_counter()
     path = spec.model_path
     how = spec.resolved_load()
@@ -205,10 +301,25 @@ def load_model(spec, *, load_kwargs: dict[str, Any], device: str, cache_dir: str
     else:
         if not path:
             t1 = time.perf_counter()
-            path = ensure_checkpoint(get_preset(spec.model), device=device, cache_dir=cache_dir, log=log)
+            preset = get_preset(spec.model)
+            target = prequantized_int8_dir(preset, load_kwargs, device, cache_dir) if prequantized_int8 \
+                else checkpoint_dir(preset, cache_dir)
+            if not (target / ".complete").is_file():
+                info["checkpoint_written_in_cell"] = True  # issue 7: this cell paid for writing it
+            if prequantized_int8:
+                path = ensure_prequantized_int8(get_preset(spec.model), load_kwargs=load_kwargs, device=device,
+                                                cache_dir=cache_dir, log=log)
+                info["checkpoint_prequantized"] = True
+            else:
+                path = ensure_checkpoint(get_preset(spec.model), device=device, cache_dir=cache_dir, log=log)
             info["checkpoint_prepare_s"] = time.perf_counter() - t1
         info["checkpoint"] = str(path)
-        model = load_pretrained(path, load_kwargs=load_kwargs, device=device, attn_implementation=spec.attn_implementation)
+        with warnings.catch_warnings():
+            # a pre-quantised checkpoint carries the same BitsAndBytesConfig (its key says
+            # so); transformers warns that it uses the stored one
+            warnings.filterwarnings("ignore", message=".*already has a `quantization_config`.*")
+            model = load_pretrained(path, load_kwargs=load_kwargs, device=device,
+                                    attn_implementation=spec.attn_implementation)
     info["load_time_s"] = time.perf_counter() - t0
     # from_pretrained returns a model in eval mode; transformers only checkpoints in
     # training mode. Record what we got; the workload puts it in training mode.

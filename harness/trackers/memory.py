@@ -61,10 +61,26 @@ class MemorySampler:
 
     ``period_s`` defaults to 5 ms. Peaks shorter than the period can be missed by NVML;
     the torch allocator's peak (exact) is recorded beside it for that reason.
+
+    ``mode``: ``"thread"`` polls from a thread of this process; ``"process"`` (issue 7)
+    from a small process of its own (``harness.trackers.sampler_proc``), so the training
+    loop never waits for Python's lock while the sampler holds it. Both poll the same
+    figures; if the process cannot start, the thread takes over (``sampler_mode`` in the
+    results says which ran).
+
+    ``period_s=0`` turns sampling off (issue 7: the sampler's own cost is measured as
+    sampler on vs off): no thread runs, NVML is read once for the baseline (and for the
+    energy counter), and the results carry no NVML peak (``peak_vram_bytes`` null,
+    ``memory_sampler: "off"``) so nothing claims a peak that was not sampled.
     """
 
-    def __init__(self, *, use_nvml: bool, period_s: float = 0.005, nvml_index: int = 0) -> None:
+    def __init__(self, *, use_nvml: bool, period_s: float = 0.005, nvml_index: int = 0,
+                 mode: str = "thread") -> None:
         self.period_s = period_s
+        self.sampling = period_s > 0
+        self.mode = mode
+        self._nvml_index = nvml_index
+        self._proc_handle = None
         self.samples = 0
         self.nvml_error: str | None = None
         self._handle = None
@@ -132,14 +148,65 @@ class MemorySampler:
             self._stop.wait(self.period_s)
 
     def start(self) -> "MemorySampler":
+        if not self.sampling:
+            return self
+        if self.mode == "process":
+            if self._start_process():
+                return self
+            self.mode = "thread"  # the reason is in nvml_error
         self._thread = threading.Thread(target=self._loop, name="memory-sampler", daemon=True)
         self._thread.start()
         return self
 
+    def _start_process(self) -> bool:
+        import subprocess
+        import sys
+
+        index = self._nvml_index if self._handle is not None else -1
+        try:
+            self._proc_handle = subprocess.Popen(
+                [sys.executable, "-m", "harness.trackers.sampler_proc", str(os.getpid()), repr(self.period_s),
+                 str(index)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            line = self._proc_handle.stdout.readline()  # "ready": it has started sampling
+            if line.strip() != "ready":
+                raise RuntimeError(f"sampler process said {line.strip()!r}")
+            return True
+        except Exception as exc:  # noqa: BLE001 - measure with the thread instead
+            self.nvml_error = f"sampler process: {type(exc).__name__}: {exc}; sampled from a thread instead"
+            if self._proc_handle is not None:
+                self._proc_handle.kill()
+                self._proc_handle.wait()
+            self._proc_handle = None
+            return False
+
+    def _stop_process(self) -> None:
+        import json
+
+        p, self._proc_handle = self._proc_handle, None
+        try:
+            out, _ = p.communicate("stop\n", timeout=10)
+            data = json.loads(out.strip().splitlines()[-1])
+        except Exception as exc:  # noqa: BLE001
+            p.kill()
+            p.wait()
+            self.nvml_error = f"sampler process: no report ({type(exc).__name__}: {exc})"
+            return
+        self.samples += int(data.get("samples") or 0)
+        if data.get("peak_vram_bytes") is not None and self._handle is not None:
+            self.peak_vram_bytes = max(self.peak_vram_bytes or 0, int(data["peak_vram_bytes"]))
+        if data.get("peak_rss_bytes"):
+            self.peak_rss_sampled_bytes = max(self.peak_rss_sampled_bytes, int(data["peak_rss_bytes"]))
+        if data.get("error"):
+            self.nvml_error = f"sampler process: {data['error']}"
+
     def stop(self) -> None:
         self._stop.set()
+        if self._proc_handle is not None:
+            self._stop_process()
         if self._thread is not None:
             self._thread.join(timeout=2)
+        if not self.sampling:
+            return
         try:
             self._sample()
         except Exception:
@@ -165,6 +232,19 @@ class MemorySampler:
             self.energy_error = f"{type(exc).__name__}: {exc}"
 
     def results(self) -> dict[str, Any]:
+        if not self.sampling:
+            return {
+                "peak_vram_bytes": None,
+                "baseline_vram_bytes": self.baseline_vram_bytes,
+                "peak_vram_over_baseline_bytes": None,
+                "device_total_bytes": self.total_vram_bytes,
+                "nvml_samples": 0,
+                "nvml_period_s": None,
+                "nvml_error": self.nvml_error,
+                "memory_sampler": "off",
+                "peak_rss_bytes": peak_rss_bytes(),
+                "peak_rss_sampled_bytes": None,
+            }
         over = None
         if self.peak_vram_bytes is not None and self.baseline_vram_bytes is not None:
             over = self.peak_vram_bytes - self.baseline_vram_bytes
@@ -176,6 +256,8 @@ class MemorySampler:
             "nvml_samples": self.samples,
             "nvml_period_s": self.period_s if self.nvml_ok else None,
             "nvml_error": self.nvml_error,
+            "memory_sampler": "on",
+            "sampler_mode": self.mode,
             "peak_rss_bytes": peak_rss_bytes(),
             "peak_rss_sampled_bytes": self.peak_rss_sampled_bytes or None,
         }
