@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.spec import WindowSpec
+
 from harness import capability, dist
 from harness.matrix import axes_for, expand
 from harness.options import build_config
@@ -41,6 +43,7 @@ def test_world_size_is_in_the_id_only_above_one():
     ({"world_size": 0}, "world size"),
     ({"parallel": "ddp"}, "needs world_size > 1"),
     ({"world_size": 2, "parallel": "zero3"}, "unknown parallel strategy"),
+    ({"world_size": 2, "window": WindowSpec()}, "adaptive measured window is decided per process"),
 ])
 def test_bad_distributed_specs(kw, msg):
     with pytest.raises(SpecError, match=msg):

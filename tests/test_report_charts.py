@@ -95,3 +95,15 @@ def test_pruned_ooms_are_marked_as_not_run(tmp_path):
     assert sorted(svg_ids(charts["memory"]["svg"], "oom-")) == ["oom-off-bf16-s1024", "oom-off-bf16-s2048"]
     assert "OOM, not run (pruned: a shorter cell ran out)" in svg and "memory reached when it ran out" in svg
     assert "OOM (pruned)" in charts["status"]["svg"].read_text()
+
+
+def test_torchrun_cells_are_charted_apart_from_one_gpu_cells():
+    cells = load_run_set([H200]).cells
+    ws2 = cells[cells["cell_id"].str.endswith("/s2048/gc-on")].copy()
+    ws2["cell_id"] = ws2["cell_id"] + "/ws2-ddp"
+    import pandas as pd
+
+    gs = groups(pd.concat([cells, ws2], ignore_index=True))
+    assert [g.layout for g in gs] == ["", "ws2-ddp"]
+    assert len(gs[0].cells) == len(cells) and len(gs[1].cells) == len(ws2)
+    assert gs[1].slug.endswith("-ws2-ddp") and "2 GPUs (DDP" in gs[1].subtitle

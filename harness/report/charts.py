@@ -40,21 +40,29 @@ STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fo
 
 @dataclass(frozen=True)
 class Group:
-    """Cells drawn together: one device, one model, one batch size."""
+    """Cells drawn together: one device, one model, one batch size, one process layout
+    (``layout`` is "" for one-GPU cells, else the id's ``ws<N>-<strategy>``: a torchrun
+    cell's total tokens/s and per-rank peak are never drawn on a one-GPU cell's line)."""
 
     device: str
     model: str
     batch_size: int
     cells: pd.DataFrame
+    layout: str = ""
 
     @property
     def slug(self) -> str:
-        return slugify(f"{self.model}-{self.device}" + (f"-b{self.batch_size}" if self.batch_size != 1 else ""))
+        return slugify(f"{self.model}-{self.device}" + (f"-b{self.batch_size}" if self.batch_size != 1 else "")
+                       + (f"-{self.layout}" if self.layout else ""))
 
     @property
     def subtitle(self) -> str:
         b = f", batch {self.batch_size}" if self.batch_size != 1 else ", batch 1"
-        return f"{self.model} on {self.device}{b}"
+        lay = ""
+        if self.layout:
+            n, strategy = self.layout[2:].split("-", 1)
+            lay = f", {n} GPUs ({strategy.upper()}; tokens/s in total, memory the largest rank's)"
+        return f"{self.model} on {self.device}{b}{lay}"
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,10 +99,11 @@ def groups(cells: pd.DataFrame) -> list[Group]:
     """Cells split by device, model and batch size (rows without axes are left out).
     Several runs of one cell on one device: the latest record is drawn."""
     d = cells.dropna(subset=["model", "precision", "seq_len", "grad_ckpt"])
+    layout = d["cell_id"].astype(str).str.extract(r"/(ws\d+-[a-z0-9]+)(?:/|$)")[0].fillna("")
     out = []
-    for (dev, model, bs), g in d.groupby(["device_label", "model", d["batch_size"].fillna(1)], sort=True):
+    for (dev, model, bs, lay), g in d.groupby(["device_label", "model", d["batch_size"].fillna(1), layout], sort=True):
         g = g.sort_values("timestamp", na_position="first").drop_duplicates("cell_id", keep="last")
-        out.append(Group(str(dev), str(model), int(bs), g.reset_index(drop=True)))
+        out.append(Group(str(dev), str(model), int(bs), g.reset_index(drop=True), str(lay)))
     return out
 
 
