@@ -86,6 +86,8 @@ OPTIONS: tuple[Opt, ...] = (
                       "(28 for Qwen2.5-VL) (default: the model's; 448 for qwen2.5-vl-7b)", kind="int"),
     Opt("lora-vision", "vision-language models: LoRA on the vision tower's linear layers too (default: the "
                        "language model's only)", kind="flag"),
+    Opt("lora-no-input-cast", "turn off peft's cast of each LoRA layer's input to the adapter's dtype (under autocast "
+                              "it only duplicates shared inputs; ids end in /lora-nocast)", kind="flag"),
     # issue 4: compat/stability (suites/test_compat.py, suites/test_stability.py; see harness/suites.py).
     # --precision, --grad-ckpt, --lr, --seed, --optimizer, --lora-*, --device and the run options apply to
     # these suites too; --seq-len, --steps, --warmup-steps, --batch-size, --load and --matrix do not.
@@ -172,6 +174,8 @@ def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
     fixed.update({k: v[n] for k, n in (("image_count", "images"), ("image_size_px", "image-size")) if v[n] is not None})
     if v["lora-vision"]:
         lora_kw["include_vision"] = True
+    if v["lora-no-input-cast"]:
+        lora_kw["input_cast"] = False
     window = window_from_options(v)  # issue 7: perf
     if window is not None:
         fixed["window"] = window

@@ -58,6 +58,11 @@ class LoraSpec:
     # Vision-language models: LoRA on the vision tower's linear layers too (by default
     # only the language model's get adapters).
     include_vision: bool = False
+    # peft casts each LoRA layer's input to the adapter's dtype (float32) before the
+    # adapter; under autocast the adapter's matmul casts it back, so layers that share an
+    # input (q / k / v, gate / up) each keep a private copy for the backward pass. False
+    # turns the cast off (``cast_input_dtype_enabled``; same numbers under autocast).
+    input_cast: bool = True
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -196,6 +201,8 @@ class CellSpec:
             parts.append(f"px{self.image_size_px}")
         if self.lora.include_vision:
             parts.append("lora-vision")
+        if not self.lora.input_cast:
+            parts.append("lora-nocast")
         if self.world_size > 1:  # issue 8: e.g. /ws2-ddp
             parts.append(f"ws{self.world_size}-{self.parallel}")
         if self.tag:

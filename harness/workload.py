@@ -326,6 +326,13 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
     # load path of a cell starts from the same adapter (the stability suite compares them).
     torch.manual_seed(spec.seed)
     model = peft.get_peft_model(model, lcfg)
+    if not spec.lora.input_cast:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = False
+    out["lora_input_cast"] = spec.lora.input_cast
     # from_pretrained gave us an eval-mode model; transformers skips checkpointing in
     # eval mode. The evidence check below catches a loop that forgets this.
     if not opts.get("_test_forget_train_mode"):

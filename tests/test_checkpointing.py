@@ -144,3 +144,22 @@ def test_the_held_bytes_probe_sees_a_custom_function_that_keeps_its_input():
     assert ctx_held_warning("off", {"ctx_held_activation_bytes_step0": 128}) is None
     assert "gc-on" in ctx_held_warning("on", {"ctx_held_activation_bytes_step0": 128,
                                               "ctx_held_by_function": ev.ctx_held_by_function})
+
+
+def test_turning_off_peft_input_cast_drops_the_duplicated_inputs_and_changes_no_number(cache):
+    """peft casts each LoRA layer's input to the fp32 adapter dtype and autocast casts it
+    back: layers sharing an input (q / k / v, gate / up) each save a private bf16 copy.
+    Without the cast they share one: 4 x hidden fewer values per token and layer, and
+    bit-identical losses (bf16 -> fp32 -> bf16 is exact)."""
+    from harness.spec import LoraSpec
+
+    cells = {cast: CellSpec(model="tiny-llama", precision="bf16", seq_len=32, grad_ckpt="off", warmup_steps=1,
+                            steps=1, load="pretrained", lora=LoraSpec(input_cast=cast)) for cast in (True, False)}
+    assert cells[False].cell_id.endswith("/lora-nocast") and "nocast" not in cells[True].cell_id
+    recs = {cast: run_cell(c.to_dict(), cache) for cast, c in cells.items()}
+    for r in recs.values():
+        assert r["status"] == "ok", r["error"]
+    saved = {cast: r["grad_ckpt_evidence"]["saved_activation_bytes_step0"] for cast, r in recs.items()}
+    assert saved[True] - saved[False] == 4 * 128 * 32 * 2 * 2  # 4 x hidden, 32 tokens, bf16, 2 layers
+    assert recs[True]["losses"] == recs[False]["losses"]
+    assert recs[True]["lora_input_cast"] is True and recs[False]["lora_input_cast"] is False
