@@ -27,6 +27,7 @@
 #                 4-bit ~0.15 s) + ~3 s load each                       ~100-120 s
 #   fp16 overflow case, 3 tiny cells                                    ~8 s
 #   total                                                               ~5.5-6 min
+#   + the input-cast pair (bf16 8B, 8192 tokens, gc-off, cast on / off) ~75 s if time remains
 # That is over the ~4 min target: `compat` alone is ~3.7 min and `stability` alone ~2.5 min;
 # run them as two calls (carry reports/runs/h200-compat back for the second; --resume skips
 # what is recorded) if a single call must stay under 4 minutes.
@@ -49,6 +50,17 @@ timeout -s INT -k 30 540 python3 -m pytest "${files[@]}" -p no:cacheprovider -p 
   --stability-model llama-3.2-1b
 rc=$?
 echo "h200-compat: pytest exit $rc after $(( $(date +%s) - start )) s"
+# Session 2 addition: what peft's input cast costs (README, "Results on the H200"): the 8B
+# bf16 at 8192 tokens without checkpointing, with and without --lora-no-input-cast, one
+# worker-server start each (~22 s) + ~15 s of cell: ~75 s, only if the time is there.
+if [ "$part" = all ] && [ $(( $(date +%s) - start )) -lt 420 ]; then
+  for flag in "" --lora-no-input-cast; do
+    timeout -s INT -k 20 70 python3 -m pytest suites/test_matrix.py -p no:cacheprovider -p no:benchmark -q \
+      --run-dir "$RUN/cast-pair" --resume --model llama-3.1-8b --precision bf16 --seq-len 8192 --grad-ckpt off \
+      --cell-timeout 60 $flag
+  done
+  echo "h200-compat: cast pair done after $(( $(date +%s) - start )) s"
+fi
 # The host's fingerprint as recorded by the run (no second library import).
 python3 -m harness env --from-run "$RUN" || true
 python3 -m harness tables "$RUN" > /dev/null || true
