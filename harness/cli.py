@@ -112,6 +112,10 @@ def cmd_run(ns) -> int:
            or (r["status"] == "oom" and cfg.fail_on_oom)]
     print(f"\n{len(sweep.records)} cells: " + ", ".join(f"{n} {s}" for s, n in _count(sweep.records).items())
           + f"; results in {sweep.store.dir}")
+    if sweep.not_started:  # --time-limit: the sweep is incomplete, which is not a success
+        print(f"{len(sweep.not_started)} cells not started: --time-limit {cfg.time_limit_s:g} s reached; "
+              "rerun with --resume to continue")
+        bad = bad or sweep.not_started
     if baseline is not None and sweep.records:  # issue 3: compare with the baseline
         from harness.regress import check_sweep
 

@@ -77,8 +77,9 @@ OPTIONS: tuple[Opt, ...] = (
         kind="int"),
     Opt("prior", "fit: run folders whose records seed the memory model's first guesses (never counted as "
                  "measurements), comma list"),
-    Opt("time-limit", "fit: start no new search cell once this process has run this many seconds (unfinished "
-                      "answers are reported as not measured)", kind="float"),
+    Opt("time-limit", "start no new cell once this process has run this many seconds: the matrix's cells left are "
+                      "not run and not recorded (pytest: skipped; --resume continues), fit's unfinished answers "
+                      "are reported as not measured", kind="float"),
     # issue 6: vlm
     Opt("images", "vision-language models: images per sample (default: the model's; 1 for qwen2.5-vl-7b)",
         kind="int"),
@@ -143,6 +144,13 @@ class SweepConfig:
     gpus: tuple = ()  # issue 8: harness.gpus.GpuSlot per --gpus entry; () = serial, as before
     int8_prequantized: bool = False  # issue 7
     sampler_mode: str = "thread"  # issue 7
+    time_limit_s: float | None = None  # --time-limit: no new cell after this many seconds of the process
+
+    def out_of_time(self, started_at: float) -> bool:
+        """Whether --time-limit has passed (``started_at`` on the ``time.monotonic`` clock)."""
+        import time
+
+        return self.time_limit_s is not None and time.monotonic() - started_at > self.time_limit_s
 
     def worker_opts(self) -> dict[str, Any]:
         opts = {"device": self.device, "cache_dir": self.cache_dir, "nvml_period_s": self.nvml_period_s}
@@ -193,6 +201,8 @@ def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
         raise SpecError(f"--sampler-mode must be thread or process, got {v['sampler-mode']!r}")
     if period_ms == 0 and v["vram-budget"]:
         raise SpecError("--vram-budget judges cells by the sampled NVML peak: it needs --nvml-period-ms > 0")
+    if v["time-limit"] is not None and v["time-limit"] <= 0:
+        raise SpecError("--time-limit must be positive")
     gpus = parse_gpus(v["gpus"], facts, device)  # issue 8
     if gpus and any(c.world_size > 1 for c in cells):
         raise SpecError("--gpus runs one-GPU cells side by side; cells with --world-size above 1 take the host's "
@@ -201,7 +211,8 @@ def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
                        resume=bool(v["resume"]), fail_on_oom=bool(v["fail-on-oom"]), cell_timeout_s=float(timeout),
                        cache_dir=v["cache-dir"], nvml_period_s=period_ms / 1000.0, prune=not v["no-prune"],
                        options={k: val for k, val in v.items() if val not in (None, False)},
-                       int8_prequantized=bool(v["int8-prequantized"]), sampler_mode=sampler_mode, gpus=gpus)
+                       int8_prequantized=bool(v["int8-prequantized"]), sampler_mode=sampler_mode, gpus=gpus,
+                       time_limit_s=v["time-limit"])
 
 
 def window_from_options(v: dict[str, Any]) -> WindowSpec | None:

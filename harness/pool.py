@@ -218,12 +218,13 @@ class ParallelSweep(Sweep):
         return recs
 
     def run_jobs(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
-        """Run every job over the GPUs; returns the records in job order."""
+        """Run every job over the GPUs; returns the records in job order (without the
+        cells --time-limit kept from starting: ``self.not_started``)."""
         seen: set[str] = set()
         jobs = [j for j in jobs if not (j[0].cell_id in seen or seen.add(j[0].cell_id))]
         if not jobs:
             return []
-        if any(j[0].cell_id not in self.done for j in jobs):
+        if any(j[0].cell_id not in self.done for j in jobs) and not self.config.out_of_time(self.started_at):
             self.start()
         pending: list[Job] = list(jobs)
         busy: list[CellSpec] = []
@@ -238,6 +239,9 @@ class ParallelSweep(Sweep):
                     if self._stopping.is_set() or not pending:
                         return None
                     i = ready_index([j[0] for j in pending], busy, prune=prune, keys=keys)
+                    if i is not None and self.out_of_time(pending[i][0]):
+                        pending.pop(i)  # --time-limit: not run, not recorded (--resume)
+                        continue
                     if i is not None:
                         job = pending.pop(i)
                         busy.append(job[0])
@@ -295,7 +299,7 @@ class ParallelSweep(Sweep):
                               f"(rerun with --resume)")
         order = {j[0].cell_id: i for i, j in enumerate(jobs)}
         self.records.sort(key=lambda r: order.get(r.get("cell_id"), len(order)))
-        out = [results[j[0].cell_id] for j in jobs]
+        out = [results[j[0].cell_id] for j in jobs if j[0].cell_id in results]  # --time-limit leaves some out
         self._record_throughput(out, wall)
         return out
 

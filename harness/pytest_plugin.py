@@ -97,12 +97,19 @@ class HarnessSession:
         """Run (or resume) one cell; with pytest-benchmark's fixture, time it as one round
         and put the harness's metrics in ``extra_info`` (so ``--benchmark-json`` has them)."""
         sweep = self.get_sweep()
+        self._skip_if_out_of_time(sweep, cell)
         if benchmark is None:
             return sweep.run(cell)
         rec = benchmark.pedantic(sweep.run, args=(cell,), rounds=1, iterations=1, warmup_rounds=0)
         benchmark.extra_info.update({k: rec.get(k) for k in BENCHMARK_FIELDS})
         benchmark.extra_info["run_dir"] = str(sweep.store.dir) if sweep.store else None
         return rec
+
+    @staticmethod
+    def _skip_if_out_of_time(sweep, cell: CellSpec) -> None:
+        if cell.cell_id not in getattr(sweep, "_prerun", {}) and sweep.out_of_time(cell):
+            pytest.skip(f"not run: --time-limit ({sweep.config.time_limit_s:g} s) reached before this cell started; "
+                        "nothing recorded, --resume runs it")
 
     def check(self, record: dict[str, Any]) -> None:
         """Turn a record into the test's outcome (never a pass for a cell that didn't run)."""
@@ -136,6 +143,7 @@ class HarnessSession:
         """Run a suite's cell once a session (tests that share a cell reuse its record).
         The compatibility suite attempts cells the rules predict unsupported."""
         if cell.cell_id not in self.suite_records:
+            self._skip_if_out_of_time(self.get_sweep(), cell)
             self.suite_records[cell.cell_id] = self.get_sweep().run(cell, suite=suite,
                                                                     attempt_unsupported=(suite == "compat"))
         return self.suite_records[cell.cell_id]

@@ -20,6 +20,16 @@ from harness.store import RunStore
 from harness.tables import fmt_duration, fmt_gib, fmt_rate, memory_of, status_text
 
 
+def _process_started_at() -> float:
+    """This process's start on the ``time.monotonic`` clock (psutil; now if unknown)."""
+    try:
+        import psutil
+
+        return time.monotonic() - max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - the limit then counts from the sweep's creation
+        return time.monotonic()
+
+
 class Sweep:
     def __init__(self, config: SweepConfig, facts: dict[str, Any], *, command: str = "",
                  out: Callable[[str], None] | None = None, total: int | None = None) -> None:
@@ -37,6 +47,8 @@ class Sweep:
         self._ran = 0
         self._ran_time = 0.0
         self._index = 0
+        self.started_at = _process_started_at()  # what --time-limit counts from
+        self.not_started: list[str] = []  # cells --time-limit kept from starting
 
     # -- lifecycle -----------------------------------------------------------------
     def open_store(self) -> RunStore:
@@ -166,8 +178,21 @@ class Sweep:
             "wall_time_s": out.wall_s, "log": os.path.relpath(log, store.dir), "exit_code": out.returncode,
             "exit_signal": out.signal}
 
+    def out_of_time(self, cell: CellSpec) -> bool:
+        """--time-limit: whether ``cell`` must not start (a recorded cell replays anyway).
+        Such a cell is not run and not recorded; ``--resume`` runs it later."""
+        if cell.cell_id in self.done or not self.config.out_of_time(self.started_at):
+            return False
+        if not self.not_started:
+            self.out(f"lora-harness: --time-limit {self.config.time_limit_s:g} s reached: no new cell starts; "
+                     "rerun with --resume to continue")
+        self.not_started.append(cell.cell_id)
+        return True
+
     def run_all(self, cells=None) -> list[dict[str, Any]]:
         for cell in cells if cells is not None else self.config.cells:
+            if self.out_of_time(cell):
+                continue
             self.run(cell)
         return self.records
 
