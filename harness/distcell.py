@@ -53,17 +53,6 @@ def _log(rank: int, msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] [rank {rank}] {msg}", flush=True)
 
 
-def _write_atomic(path: str, data: dict[str, Any]) -> None:
-    from harness.result import dumps
-
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(dumps(data))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _cpu_barrier() -> None:
     """A barrier over gloo on a CPU tensor: it never touches CUDA (usable before the NVML
     baseline) and works with either backend setup."""
@@ -88,6 +77,7 @@ def _nvml_uuid(index: int) -> str | None:
 
 
 from harness.dist import rank_file  # noqa: E402 - after the environment defaults
+from harness.worker import write_atomic  # noqa: E402 - the fork server's result writer, stdlib only
 from harness.workload import CellHooks, Unsupported  # noqa: E402
 
 
@@ -237,7 +227,6 @@ def lora_checksum(model) -> str:
 def _build_on_meta(spec, load_kwargs):
     """FSDP: the model from its config, parameters on the meta device, buffers (rotary
     tables) computed for real on the CPU; nothing is allocated for the weights."""
-    import torch
     from accelerate import init_empty_weights
 
     from harness.models import get_preset
@@ -353,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {"status": "oom" if is_oom_message(text) else "error", "error": text[:2000],
                   "traceback": traceback.format_exc()[-4000:], "rank_facts": {"rank": rank, "local_rank": local_rank}}
         traceback.print_exc()
-    _write_atomic(rank_file(prefix, rank), result)
+    write_atomic(rank_file(prefix, rank), result)
     if result.get("status") != "ok":
         _log(rank, f"cell ended {result.get('status')} on this rank: leaving now so torchrun stops the others")
         sys.stdout.flush()

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from harness import fitreport
-from harness.fitrun import FitSearch, fit_rows, fit_settings, load_prior, measure_with_reuse, process_started_at
+from harness.fitrun import FitSearch, fit_rows, fit_settings, load_prior, measure_with_reuse
+from harness.perf import process_started_at
 from harness.store import load_records
 
 

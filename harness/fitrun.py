@@ -70,13 +70,6 @@ def fit_settings(values: dict[str, Any], facts: dict[str, Any], *, need_device: 
                        None if limit is None else float(limit), priors)
 
 
-def process_started_at() -> float:
-    """This process's start on the ``time.monotonic`` clock (for --time-limit)."""
-    import psutil
-
-    return time.monotonic() - max(0.0, time.time() - psutil.Process().create_time())
-
-
 def load_prior(dirs: tuple[str, ...]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for d in dirs:

@@ -32,6 +32,17 @@ import statistics
 import time
 from typing import Any, Iterable, Sequence
 
+
+def process_started_at() -> float:
+    """This process's start on the ``time.monotonic`` clock (what ``--time-limit`` counts
+    from: the matrix sweep and the fit search share it); now if psutil cannot say."""
+    try:
+        import psutil
+
+        return time.monotonic() - max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - the limit then counts from this call
+        return time.monotonic()
+
 # Record fields of the phases, in timeline order (each in seconds).
 PHASES: tuple[str, ...] = ("spawn", "imports", "checkpoint_write", "device_init", "model_load", "lora_wrap",
                            "data_prep", "warmup", "measured", "verify", "teardown")

@@ -20,11 +20,11 @@ import re
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 from harness.perf import PHASES, fixed_cost, phase_field, spread, warmup_and_measured
+from harness.tables import fmt_gib, markdown_table
 
-GIB = 1024 ** 3
 # issue 7's targets
 TARGET_OVERHEAD_SPEED = 0.03  # harness tokens/s within 3% of the bare loop's
 TARGET_OVERHEAD_MEMORY = 0.01  # harness torch peak allocated within 1% of the bare loop's
@@ -41,16 +41,6 @@ def _f(x: float | None, fmt: str = "{:.1f}") -> str:
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x * 100:.1f}%"
-
-
-def _gib(x: float | None) -> str:
-    return "-" if x is None else f"{x / GIB:.2f} GiB"
-
-
-def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
 
 
 def _ts(text: str | None) -> float | None:
@@ -174,7 +164,7 @@ def sweep_cost_markdown(cost: dict[str, Any]) -> str:
     lines = [f"# Sweep cost: {cost.get('run_dir', '')}", "",
              "Seconds. fixed cost = wall - warm-up - measured steps"
              + (" (`~`: a record without phase timers: wall minus the timed steps)" if "approx" in
-                (t["fixed_cost_source"] or "") else "") + ".", "", _table(headers, rows), "",
+                (t["fixed_cost_source"] or "") else "") + ".", "", markdown_table(headers, rows), "",
              "| total | seconds |", "|---|---:|",
              f"| cells run | {t['cells_run']} of {t['cells']} |",
              f"| cells' wall time | {_f(t['cells_wall_s'])} |",
@@ -265,7 +255,7 @@ def repeatability_markdown(rows: list[dict[str, Any]], *, title: str = "Repeatab
             "(no device memory).", ""]
     if note:
         text += [note, ""]
-    return "\n".join(text + [_table(headers, body)]) + "\n"
+    return "\n".join(text + [markdown_table(headers, body)]) + "\n"
 
 
 # -- overhead ----------------------------------------------------------------------------
@@ -330,8 +320,8 @@ def overhead_markdown(rows: list[dict[str, Any]], *, title: str = "Harness overh
         mem_na = r["bare_torch_peak_allocated_bytes"] is None and r["harness_torch_peak_allocated_bytes"] is None
         body.append([r["cell"], rate(r["bare_tokens_per_s"]), rate(r["harness_tokens_per_s"]), ratio(r["speed_ratio"]),
                      _verdict(r["speed_pass"]),
-                     "n/a" if mem_na else _gib(r["bare_torch_peak_allocated_bytes"]),
-                     "n/a" if mem_na else _gib(r["harness_torch_peak_allocated_bytes"]),
+                     "n/a" if mem_na else fmt_gib(r["bare_torch_peak_allocated_bytes"]),
+                     "n/a" if mem_na else fmt_gib(r["harness_torch_peak_allocated_bytes"]),
                      "n/a" if mem_na else ratio(r["memory_ratio"]), _verdict(r["memory_pass"]),
                      rate(r["harness_nvml_off_tokens_per_s"]), ratio(r["sampler_ratio"]), _verdict(r["sampler_pass"])]
                     + ([ratio(r.get("sampler_process_ratio")), _verdict(r.get("sampler_process_pass"))] if proc else [])
@@ -343,4 +333,4 @@ def overhead_markdown(rows: list[dict[str, Any]], *, title: str = "Harness overh
             "sampler under 1% of throughput.", ""]
     if note:
         text += [note, ""]
-    return "\n".join(text + [_table(headers, body)]) + "\n"
+    return "\n".join(text + [markdown_table(headers, body)]) + "\n"

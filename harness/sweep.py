@@ -12,22 +12,13 @@ from typing import Any, Callable
 
 from harness import capability
 from harness.options import SweepConfig
+from harness.perf import process_started_at
 from harness.prune import pruned_by, pruned_record
 from harness.result import Status, make_record
 from harness.runner import ForkServerRunner, classify
 from harness.spec import CellSpec
 from harness.store import RunStore
 from harness.tables import fmt_duration, fmt_gib, fmt_rate, memory_of, status_text
-
-
-def _process_started_at() -> float:
-    """This process's start on the ``time.monotonic`` clock (psutil; now if unknown)."""
-    try:
-        import psutil
-
-        return time.monotonic() - max(0.0, time.time() - psutil.Process().create_time())
-    except Exception:  # noqa: BLE001 - the limit then counts from the sweep's creation
-        return time.monotonic()
 
 
 class Sweep:
@@ -47,7 +38,7 @@ class Sweep:
         self._ran = 0
         self._ran_time = 0.0
         self._index = 0
-        self.started_at = _process_started_at()  # what --time-limit counts from
+        self.started_at = process_started_at()  # what --time-limit counts from
         self.not_started: list[str] = []  # cells --time-limit kept from starting
 
     # -- lifecycle -----------------------------------------------------------------

@@ -64,7 +64,8 @@ def _resolve(target: str):
     return getattr(importlib.import_module(mod), fn)
 
 
-def _write_atomic(path: str, data: dict[str, Any]) -> None:
+def write_atomic(path: str, data: dict[str, Any]) -> None:
+    """A result file written whole or not at all (temp file, fsync, rename)."""
     from harness.result import dumps
 
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -111,7 +112,7 @@ def run_job_here(job: dict[str, Any]) -> int:
         oom = type(exc).__name__ == "OutOfMemoryError" or is_oom_message(text)
         result = {"status": "oom" if oom else "error", "error": text[:2000], "traceback": traceback.format_exc()[-4000:]}
         traceback.print_exc()
-    _write_atomic(job["result_path"], result)
+    write_atomic(job["result_path"], result)
     sys.stdout.flush()
     sys.stderr.flush()
     return 0

@@ -14,6 +14,7 @@ import pytest
 from harness import fitreport, fitrun
 from harness.budget import budget_label
 from harness.options import OPTIONS
+from harness.perf import process_started_at
 from harness.spec import SpecError
 
 
@@ -54,7 +55,7 @@ def fit_search(lora_harness):
     sweep.total = 0  # a search does not know its cell count in advance
     search = fitrun.FitSearch(settings, measure=lambda c: fitrun.measure_with_reuse(sweep, c),
                               records=sweep.open_store().records(), prior=fitrun.load_prior(settings.prior_dirs),
-                              out=lora_harness._out, started_at=fitrun.process_started_at())
+                              out=lora_harness._out, started_at=process_started_at())
     search.title = fitreport_title(lora_harness)
     yield search
     if search.answers:

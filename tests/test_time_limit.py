@@ -28,13 +28,20 @@ def test_time_limit_option():
         build_config({"lh_precision": "bf16", "lh_seq_len": "32", "lh_time_limit": 0}, CPU)
 
 
-def test_a_sweep_past_its_limit_starts_nothing_but_replays_recorded_cells(tmp_path):
-    cfg = build_config({"lh_precision": "bf16", "lh_seq_len": "32,64", "lh_grad_ckpt": "off",
-                        "lh_run_dir": str(tmp_path / "run"), "lh_time_limit": 5.0}, CPU)
-    sweep = Sweep(cfg, CPU, out=lambda s: None)
+def _past_limit(sweep_cls, tmp_path, done_index: int, **options):
+    """A sweep of two cells whose 5 s limit passed 5 s ago, one cell already recorded."""
+    values = {"lh_precision": "bf16", "lh_seq_len": "32,64", "lh_grad_ckpt": "off",
+              "lh_run_dir": str(tmp_path / "run"), "lh_time_limit": 5.0, **options}
+    cfg = build_config(values, CPU)
+    sweep = sweep_cls(cfg, CPU, out=lambda s: None)
     sweep.started_at = time.monotonic() - 10
-    done = cfg.cells[0]
+    done = cfg.cells[done_index]
     sweep.done = {done.cell_id: {"cell_id": done.cell_id, "status": "ok"}}
+    return cfg, sweep, done
+
+
+def test_a_sweep_past_its_limit_starts_nothing_but_replays_recorded_cells(tmp_path):
+    cfg, sweep, done = _past_limit(Sweep, tmp_path, 0)
     recs = sweep.run_all()
     assert [r["cell_id"] for r in recs] == [done.cell_id] and recs[0]["resumed"]
     assert sweep.not_started == [cfg.cells[1].cell_id]
@@ -71,12 +78,7 @@ def test_the_gpu_pool_hands_out_no_cell_past_the_limit(tmp_path, monkeypatch):
     from harness.pool import ParallelSweep
 
     monkeypatch.setenv(FAKE_ENV, "2")
-    cfg = build_config({"lh_precision": "bf16", "lh_seq_len": "32,64", "lh_grad_ckpt": "off", "lh_gpus": "0,1",
-                        "lh_run_dir": str(tmp_path / "run"), "lh_time_limit": 5.0}, CPU)
-    sweep = ParallelSweep(cfg, CPU, out=lambda s: None)
-    sweep.started_at = time.monotonic() - 10
-    done = cfg.cells[1]
-    sweep.done = {done.cell_id: {"cell_id": done.cell_id, "status": "ok"}}
+    cfg, sweep, done = _past_limit(ParallelSweep, tmp_path, 1, lh_gpus="0,1")
     recs = sweep.run_all()
     assert [r["cell_id"] for r in recs] == [done.cell_id]
     assert sweep.not_started == [cfg.cells[0].cell_id] and not sweep._runners  # no worker server started
