@@ -1,10 +1,10 @@
 """A bare LoRA training loop: no harness worker, no trackers, no proofs, no records.
 
 The reference the harness's own overhead is measured against (issue 7,
-benchmarks/overhead.py). It does the work of a harness cell (``harness/workload.py``)
+benchmarks/overhead.py). It does the work of a harness cell (``harness/cell/train.py``)
 step for step, written out plainly:
 
-- the model: the preset's config (``harness/models/presets/<model>.json``) built with
+- the model: the preset's config (``harness/core/model_presets/<model>.json``) built with
   ``from_config`` on the device after ``torch.manual_seed(seed)`` for 16/32-bit
   precisions; for quantised ones ``from_pretrained`` of the checkpoint folder
   (``--checkpoint``: the harness's synthetic checkpoint, same base weights) with the
@@ -16,7 +16,7 @@ step for step, written out plainly:
   dropout, ``all-linear`` targets, no bias; ``model.train()``;
 - AdamW (weight decay 0) on the LoRA parameters; ``GradScaler`` only where the compute
   dtype is fp16; ``torch.autocast`` in the cell's dtype (none for fp32);
-- the same tokens: batch i comes from ``harness.data.make_batches`` (the one harness
+- the same tokens: batch i comes from ``harness.cell.data.make_batches`` (the one harness
   import: a pure numpy function, called before the loop), ``input_ids`` = ``labels``;
 - the step: forward, loss, backward, optimizer step, ``zero_grad(set_to_none=True)``,
   timed on the host clock between two device synchronisations; warm-up steps excluded
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     t_start = time.perf_counter()
     sys.path.insert(0, str(ROOT))
-    from harness.data import make_batches  # tokens only (numpy), so both loops see the same batches
+    from harness.cell.data import make_batches  # tokens only (numpy), so both loops see the same batches
 
     import peft
     import torch

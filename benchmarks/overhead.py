@@ -5,7 +5,7 @@ off and on, nf4 at 2048 with checkpointing on) and each repetition, three runs:
 
 - ``bare``: ``benchmarks/bare_lora.py`` in a fresh interpreter (no harness worker, no
   trackers, no proofs), the same model, LoRA, batches, optimizer, autocast and steps;
-- ``harness``: the cell through the harness's normal path (a ``harness.sweep.Sweep``:
+- ``harness``: the cell through the harness's normal path (a ``harness.run.sweep.Sweep``:
   the worker server forks a fresh process for the cell; records in ``harness-run/``);
 - ``harness-nvml-off``: the same with the NVML sampler off (``--nvml-period-ms 0``);
 - with ``--sampler-process`` also ``harness-sampler-process``: the sampler polling from a
@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from perfcommon import (DEFAULT_CELLS, ROOT, Deadline, parse_cells, short_name, sweep_config,  # noqa: E402
                         write_outputs)
 
-from harness.models import get_preset  # noqa: E402
-from harness.models.build import checkpoint_dir  # noqa: E402
-from harness.perfreport import overhead_markdown, overhead_rows  # noqa: E402
-from harness.sweep import Sweep  # noqa: E402
+from harness.core.models import get_preset  # noqa: E402
+from harness.cell.build import checkpoint_dir  # noqa: E402
+from harness.report.perf_tables import overhead_markdown, overhead_rows  # noqa: E402
+from harness.run.sweep import Sweep  # noqa: E402
 
 KINDS = ("bare", "harness", "harness-nvml-off", "harness-sampler-process")
 
@@ -78,7 +78,7 @@ def run_bare(a, cell, k: int, out: Path, checkpoint: Path | None) -> dict:
            "--lr", str(cell.lr), "--seed", str(cell.seed), "--device", a.device, "--json-out", str(json_out)]
     if checkpoint is not None:
         cmd += ["--checkpoint", str(checkpoint)]
-    # the environment a harness worker gets (harness/worker.py sets these for its children)
+    # the environment a harness worker gets (harness/cell/server.py sets these for its children)
     env = dict(os.environ, CUDA_DEVICE_ORDER="PCI_BUS_ID", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                HF_HUB_DISABLE_PROGRESS_BARS="1")
     with open(log, "w") as f:
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         checkpoints = {}
         for cell in cfg.cells:  # quantised cells load the synthetic checkpoint: both sides need it first
             if cell.resolved_load() == "pretrained" and cell.model not in checkpoints:
-                job = sweep.runner.run_job("harness.models.build:ensure_checkpoint_job",
+                job = sweep.runner.run_job("harness.cell.build:ensure_checkpoint_job",
                                            {"model": cell.model, "cache_dir": cfg.cache_dir, "device": cfg.device},
                                            timeout_s=900, log_path=sweep.store.dir / "logs" / "checkpoint.log")
                 if not job.result or job.result.get("status") != "ok":

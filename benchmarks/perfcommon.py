@@ -16,9 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from harness import env as env_mod  # noqa: E402
-from harness.options import build_config  # noqa: E402
-from harness.spec import CellSpec, SpecError  # noqa: E402
+from harness.core import host as env_mod  # noqa: E402
+from harness.plan.options import build_config  # noqa: E402
+from harness.core.spec import CellSpec  # noqa: E402
+from harness.core.errors import SpecError
 
 CELL_RE = re.compile(r"^(?P<precision>[a-z0-9-]+)/s(?P<seq>\d+)/gc-(?P<gc>off|on|offload)$")
 # issue 7's cells: the Llama-3.1-8B preset at 2048 tokens

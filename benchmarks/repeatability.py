@@ -25,9 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from perfcommon import DEFAULT_CELLS, Deadline, parse_cells, sweep_config, write_outputs  # noqa: E402
 
-from harness.perfreport import repeatability, repeatability_markdown  # noqa: E402
-from harness.store import load_records  # noqa: E402
-from harness.sweep import Sweep  # noqa: E402
+from harness.report.perf_tables import repeatability, repeatability_markdown  # noqa: E402
+from harness.core.store import load_records  # noqa: E402
+from harness.run.sweep import Sweep  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

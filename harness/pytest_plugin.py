@@ -1,7 +1,7 @@
 """pytest plugin: ``pytest suites/`` runs the matrix, one test per cell.
 
-Thin: options come from ``harness.options``, cells from ``harness.matrix``, running and
-recording from ``harness.sweep``, and the test outcome from ``harness.result.outcome_for``
+Thin: options come from ``harness.plan.options``, cells from ``harness.plan.matrix``, running and
+recording from ``harness.run.sweep``, and the test outcome from ``harness.core.record.outcome_for``
 (the one mapping: ok -> pass, oom -> xfail, or fail with ``--fail-on-oom``,
 unsupported -> skip, error / crash / timeout -> fail).
 
@@ -17,12 +17,13 @@ from typing import Any
 
 import pytest
 
-from harness import env as env_mod
-from harness.options import OPTIONS, SweepConfig, build_config
-from harness.result import outcome_for
-from harness.spec import CellSpec, SpecError
-from harness.store import StoreError
-from harness.tables import SUMMARY_HEADERS, format_table, summary_rows
+from harness.core import host as env_mod
+from harness.plan.options import OPTIONS, SweepConfig, build_config
+from harness.core.record import outcome_for
+from harness.core.spec import CellSpec
+from harness.core.errors import SpecError
+from harness.core.store import StoreError
+from harness.core.fmt import SUMMARY_HEADERS, format_table, summary_rows
 
 _KEY = pytest.StashKey["HarnessSession"]() if hasattr(pytest, "StashKey") else None
 
@@ -41,7 +42,7 @@ class HarnessSession:
         self._cfg: SweepConfig | None = None
         self.sweep = None
         self.n_items = 0
-        self.baseline = None  # issue 3: harness.regress.BaselineCheck with --baseline
+        self.baseline = None  # issue 3: harness.report.gate.BaselineCheck with --baseline
         self.baseline_verdict = None
         self._suite_cells: dict[str, tuple[CellSpec, ...]] = {}  # issue 4: compat / stability
         self.suite_records: dict[str, dict[str, Any]] = {}
@@ -79,12 +80,12 @@ class HarnessSession:
 
     def get_sweep(self):
         if self.sweep is None:
-            from harness.sweep import Sweep
+            from harness.run.sweep import Sweep
 
             import sys
 
-            if self.cfg.gpus:  # issue 8: one worker server pinned to each GPU (harness.pool)
-                from harness.pool import ParallelSweep as Sweep  # noqa: F811
+            if self.cfg.gpus:  # issue 8: one worker server pinned to each GPU (harness.run.pool)
+                from harness.run.pool import ParallelSweep as Sweep  # noqa: F811
             self.sweep = Sweep(self.cfg, self.facts, command="pytest " + " ".join(sys.argv[1:]), out=self._out,
                                total=self.n_items or None)
             try:
@@ -130,7 +131,7 @@ class HarnessSession:
     def suite_cells(self, suite: str) -> tuple[CellSpec, ...]:
         """Cells of a suite (compat, stability, overflow) from this session's options."""
         if suite not in self._suite_cells:
-            from harness import suites
+            from harness.plan import suites
 
             values = {o.dest: self.pyconfig.getoption(o.dest) for o in OPTIONS}
             try:
@@ -150,7 +151,7 @@ class HarnessSession:
 
     def check_compat(self, record: dict[str, Any]) -> None:
         """A compat cell's test outcome: a prediction the attempt contradicts fails."""
-        from harness.compat import compat_outcome
+        from harness.report.compat import compat_outcome
 
         out = compat_outcome(record, fail_on_oom=self.cfg.fail_on_oom)
         if out.action == "skip":
@@ -162,18 +163,18 @@ class HarnessSession:
 
     def compat_group(self, key: str) -> dict[str, Any]:
         """The compat records of one model/precision/load path, by checkpointing mode."""
-        from harness.compat import group_id, row_for
+        from harness.report.compat import group_id, row_for
 
         cells = [c for c in self.suite_cells("compat") if group_id(c.model, c.precision, c.resolved_load()) == key]
         return {c.grad_ckpt: row_for(self.run_suite(c, "compat")) for c in cells}
 
     def run_loading_checks(self) -> dict[str, Any]:
-        """The loading-correctness cases (harness.loading) in a worker on this host's
+        """The loading-correctness cases (harness.cell.loader_checks) in a worker on this host's
         device, once a session; the result is also written to loading.json."""
         if self.loading is None:
-            from harness import suites
-            from harness.models import resolve_model
-            from harness.runner import classify
+            from harness.plan import suites
+            from harness.core.models import resolve_model
+            from harness.run.forkserver import classify
 
             values = {o.dest: self.pyconfig.getoption(o.dest) for o in OPTIONS}
             model = resolve_model(suites.loading_model(values, self.facts))
@@ -182,7 +183,7 @@ class HarnessSession:
             sweep = self.get_sweep()
             sweep.start()
             store = sweep.store
-            out = sweep.runner.run_job("harness.loading:run_checks",
+            out = sweep.runner.run_job("harness.cell.loader_checks:run_checks",
                                        {"model": model.name, "opts": self.cfg.worker_opts()},
                                        timeout_s=self.cfg.cell_timeout_s, log_path=store.dir / "logs" / "loading.log")
             self.loading = out.result if out.result is not None else classify(out, self.cfg.cell_timeout_s)
@@ -190,8 +191,8 @@ class HarnessSession:
         return self.loading
 
     def write_suite_reports(self) -> list[str]:
-        """compat.md/.json and stability.md/.json in the run folder (harness.compat)."""
-        from harness.compat import write_suite_reports
+        """compat.md/.json and stability.md/.json in the run folder (harness.report.compat)."""
+        from harness.report.compat import write_suite_reports
 
         if self.sweep is None or self.sweep.store is None or not (self.suite_records or self.loading):
             return []
@@ -227,7 +228,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if any(config.getoption(o.dest) not in (None, False) for o in OPTIONS):
         config.stash[_KEY].cfg  # noqa: B018 - raises pytest.UsageError
     if config.getoption("lh_baseline"):  # issue 3: load the baseline before anything runs
-        from harness import regress
+        from harness.report import gate as regress
 
         try:
             config.stash[_KEY].baseline = regress.from_options(config.stash[_KEY].cfg.options)
@@ -274,13 +275,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             cells = list(s.suite_cells(suite))
             metafunc.parametrize(param, cells, ids=[c.cell_id for c in cells])
     if "compat_group" in metafunc.fixturenames:
-        from harness.compat import group_id
+        from harness.report.compat import group_id
 
         keys = list(dict.fromkeys(group_id(c.model, c.precision, c.resolved_load()) for c in s.suite_cells("compat")))
         metafunc.parametrize("compat_group", keys, ids=keys)
 
 
-# Suite parameters -> the suite whose cells they take (harness.suites).
+# Suite parameters -> the suite whose cells they take (harness.plan.suites).
 SUITE_PARAMS = {"compat_cell": "compat", "stability_cell": "stability", "overflow_cell": "overflow"}
 
 
@@ -327,7 +328,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtestloop(session: pytest.Session) -> None:
     """issue 8: with --gpus, run the selected cells over the GPUs before the first test;
-    each test then reports its cell's record (harness.pool; NOTES.md says why not xdist).
+    each test then reports its cell's record (harness.run.pool; NOTES.md says why not xdist).
     Returns None, so pytest's own loop then runs the tests as usual."""
     s = _session(session.config)
     if not session.config.getoption("lh_gpus") or session.config.option.collectonly or session.testsfailed:
@@ -393,7 +394,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     s.suite_tables = s.write_suite_reports()
     if s.baseline is None or s.sweep is None or not s.sweep.records:
         return
-    from harness.regress import check_sweep
+    from harness.report.gate import check_sweep
 
     s.baseline_verdict = check_sweep(s.baseline, s.sweep.store.dir, [r["cell_id"] for r in s.sweep.records])
     if s.baseline_verdict.failed and session.exitstatus == 0:

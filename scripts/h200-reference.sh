@@ -69,8 +69,8 @@ fi
 # Complete when every cell of both selections has a record (the ids, not the exit codes).
 "$PY" - "$RUN" "$MODEL" <<'EOF'
 import json, sys
-from harness.options import build_config
-from harness.store import load_records
+from harness.plan.options import build_config
+from harness.core.store import load_records
 run, model = sys.argv[1], sys.argv[2]
 gpu = {"has_gpu": True}
 want = {c.cell_id for c in build_config({"model": model, "matrix": "default"}, gpu).cells}

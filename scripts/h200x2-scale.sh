@@ -44,8 +44,8 @@ python3 - "$MODEL" <<'EOF'
 import os, sys, time
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
 import torch
-from harness.models import get_preset
-from harness.models.build import ensure_checkpoint
+from harness.core.models import get_preset
+from harness.cell.build import ensure_checkpoint
 t = time.time()
 ensure_checkpoint(get_preset(sys.argv[1]), device="cuda:0" if torch.cuda.is_available() else "cpu")
 print(f"checkpoint ready in {time.time() - t:.1f} s")

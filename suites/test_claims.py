@@ -1,6 +1,6 @@
 """The seed's claims (../shared/SEED.md), each a test that measures what it needs and
 passes when the claim holds on this host, or fails with the numbers that refute it
-(``harness.claims`` for the criteria, ``harness.claimsrun`` for the cells). Claims about
+(``harness.fit.claims`` for the criteria, ``harness.fit.claims_run`` for the cells). Claims about
 VRAM are skipped on a host without a GPU, with that reason. The run folder gets
 ``claims.md`` and ``claims.json``: claim, verdict, the numbers.
 
@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import claims, claimsrun, fitrun
-from harness.claims import CLAIMS
-from harness.fitcli import title_for
+from harness.fit import claims
+from harness.fit import claims_run as claimsrun
+from harness.fit import search as fitrun
+from harness.fit.claims import CLAIMS
+from harness.cli.fit import title_for
 
 
 def _asked_for(config) -> bool:

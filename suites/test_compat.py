@@ -17,7 +17,7 @@ def test_checkpointing_modes_differ_as_claimed(compat_group, lora_harness):
     """off / on / offload of one model x precision x load path, compared: only the
     checkpointed modes recompute, only offload moves bytes to host memory, and both keep
     fewer activation bytes on the device than off."""
-    from harness.compat import checkpointing_problems
+    from harness.report.compat import checkpointing_problems
 
     rows = lora_harness.compat_group(compat_group)
     untrained = {m: r.outcome for m, r in rows.items() if r.outcome != "supported"}

@@ -1,5 +1,5 @@
 """Will it fit? The longest trainable context per VRAM budget, one test per (row, budget),
-by real cells under emulated budgets (``harness.fitrun``). Rows are the sweep's model x
+by real cells under emulated budgets (``harness.fit.search``). Rows are the sweep's model x
 precision x checkpointing x batch (``--model --precision --grad-ckpt --batch-size``);
 budgets come from ``--budgets``. A test passes when its answer is measured (a fitting
 length with the next one confirmed to fail, ``OOM`` at the shortest, or the cap fitting)
@@ -11,11 +11,12 @@ and fails otherwise (a cell error, the ``--time-limit``). The run folder gets ``
 
 import pytest
 
-from harness import fitreport, fitrun
-from harness.budget import budget_label
-from harness.options import OPTIONS
-from harness.perf import process_started_at
-from harness.spec import SpecError
+from harness.fit import report as fitreport
+from harness.fit import search as fitrun
+from harness.core.budget import budget_label
+from harness.plan.options import OPTIONS
+from harness.core.phases import process_started_at
+from harness.core.errors import SpecError
 
 
 def _values(config):
@@ -66,7 +67,7 @@ def fit_search(lora_harness):
 
 
 def fitreport_title(lora_harness):
-    from harness.fitcli import title_for
+    from harness.cli.fit import title_for
 
     return title_for(lora_harness.cfg.cells)
 

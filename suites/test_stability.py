@@ -7,8 +7,8 @@ table and the curves. Options: ``pytest --help``, section "lora-harness" (--stab
 
 import pytest
 
-from harness import stability
-from harness.suites import reference_for
+from harness.report import stability
+from harness.plan.suites import reference_for
 
 
 def _judge(cell, lora_harness):

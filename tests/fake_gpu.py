@@ -1,12 +1,12 @@
 """A pytest plugin (``-p tests.fake_gpu``) that lets the GPU suites' own code run on a CPU
-host: the parent side sees an H200 (``harness.env.quick_facts``) and every cell is
+host: the parent side sees an H200 (``harness.core.host.quick_facts``) and every cell is
 answered by :class:`tests.fakes.FakeHost` and stored like a real record, instead of a
 worker. Nothing reaches a device; records carry ``"fake": true``. Used by
 tests/test_h200_job.py to run scripts/h200-fit.sh's exact pytest command."""
 
-import harness.env
-import harness.sweep
-from harness.result import make_record
+import harness.core.host
+import harness.run.sweep
+from harness.core.record import make_record
 from tests.fakes import FakeHost
 
 H200 = {"has_gpu": True, "gpus": [{"index": 0, "name": "NVIDIA H200", "compute_capability": "9.0",
@@ -15,7 +15,7 @@ H200 = {"has_gpu": True, "gpus": [{"index": 0, "name": "NVIDIA H200", "compute_c
         "bf16_supported": True, "bitsandbytes_installed": True}
 HOST = FakeHost()
 
-harness.env.quick_facts = lambda: dict(H200)
+harness.core.host.quick_facts = lambda: dict(H200)
 
 
 def _fake_run(self, cell):
@@ -35,4 +35,4 @@ def _fake_run(self, cell):
     return rec
 
 
-harness.sweep.Sweep.run = _fake_run
+harness.run.sweep.Sweep.run = _fake_run

@@ -1,8 +1,8 @@
 """Fake cells for the harness's own tests: an oracle with known memory needs, a fake GPU
 host for the claims, and nothing that touches a device."""
 
-from harness import fit as F
-from harness.budget import GIB, MIB, REMEASURED_SLACK_BYTES, allocator_limit_bytes
+from harness.fit import rules as F
+from harness.core.budget import GIB, MIB, REMEASURED_SLACK_BYTES, allocator_limit_bytes
 
 BASE, CTX, OUTSIDE = int(0.6 * GIB), int(0.5 * GIB), int(0.8 * GIB)
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from harness.budget import (GIB, MIB, BudgetError, allocator_limit_bytes, budget_label, check_against_device,
-                            parse_budgets, parse_size_bytes)
-from harness.options import build_config
-from harness.spec import CellSpec, SpecError
+from harness.core.budget import (GIB, MIB, BudgetError, allocator_limit_bytes, budget_label, parse_budgets, parse_size_bytes)
+from harness.plan.budgets import check_against_device
+from harness.plan.options import build_config
+from harness.core.spec import CellSpec
+from harness.core.errors import SpecError
 
 ROOT = Path(__file__).resolve().parent.parent
 H200 = {"has_gpu": True, "gpus": [{"name": "NVIDIA H200", "memory_total_bytes": 150754820096}],
@@ -88,7 +89,7 @@ class _Guard:
 
     @staticmethod
     def make(budget, limit=20 * GIB):
-        from harness.vram_budget import BudgetGuard
+        from harness.cell.budget_guard import BudgetGuard
 
         g = BudgetGuard(budget, device=None, baseline_bytes=GIB)
         g.context_bytes, g.non_allocator_peak_bytes, g.total_bytes = GIB // 2, GIB, 140 * GIB
@@ -111,7 +112,7 @@ def test_nvml_peak_over_budget_is_an_oom_even_when_torch_did_not_raise():
 
 
 def test_budget_cell_on_cpu_is_unsupported_in_the_worker():
-    from harness.workload import run_cell
+    from harness.cell.train import run_cell
 
     out = run_cell(CellSpec("tiny-llama", "fp32", 16, vram_budget_bytes=GIB).to_dict(), {"device": "cpu"})
     assert out["status"] == "unsupported" and "needs a CUDA device" in out["error"]
@@ -147,7 +148,7 @@ def test_pytest_budget_error_is_a_usage_error(tmp_path):
 
 
 def test_checkpoint_preparation_is_only_for_budget_cells_that_load_one(tmp_path):
-    from harness.vram_budget import prepare_checkpoint
+    from harness.cell.budget_guard import prepare_checkpoint
 
     opts = {"cache_dir": str(tmp_path)}
     assert prepare_checkpoint(CellSpec("tiny-llama", "bf16", 16, vram_budget_bytes=GIB), opts) is False  # built from config

@@ -2,9 +2,10 @@
 
 import pytest
 
-from harness import capability
-from harness.capability import parse_version, verdict
-from harness.spec import PRECISIONS, CellSpec
+from harness.plan import capability
+from harness.plan.capability import parse_version, verdict
+from harness.core.axes import PRECISIONS
+from harness.core.spec import CellSpec
 
 PKGS = {"torch": "2.11.0+cu130", "transformers": "5.17.0", "peft": "0.21.0", "bitsandbytes": "0.50.2",
         "accelerate": "1.15.0"}

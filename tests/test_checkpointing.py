@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from harness.checkpointing import verify
-from harness.spec import CellSpec
-from harness.workload import run_cell
+from harness.cell.checkpointing import verify
+from harness.core.spec import CellSpec
+from harness.cell.train import run_cell
 
 
 def _ev(mode, fwd=10, rec=0, off=0):
@@ -67,8 +67,8 @@ def test_forgetting_train_mode_fails_the_checkpointing_proof(cache):
 
 def test_a_silently_quantised_16bit_cell_fails_the_precision_proof(cache, monkeypatch):
     """The seed's failure: 16-bit asked, 4-bit loaded by a wrapper. The layer count catches it."""
-    import harness.workload as wl
-    from harness.precision import load_kwargs as real
+    import harness.cell.train as wl
+    from harness.cell.precision import load_kwargs as real
 
     monkeypatch.setattr(wl, "load_kwargs", lambda precision, **kw: real("nf4", **kw))
     r = run_cell(_cell(precision="bf16", grad_ckpt="off", load="pretrained"), cache)
@@ -107,7 +107,7 @@ def test_int8_keeps_layer_inputs_on_autograd_contexts_that_checkpointing_cannot_
 
 def test_the_held_bytes_probe_sees_a_custom_function_that_keeps_its_input():
     import torch
-    from harness.checkpointing import Evidence, ctx_held_warning
+    from harness.cell.checkpointing import Evidence, ctx_held_warning
 
     class Keeps(torch.autograd.Function):
         @staticmethod
@@ -151,7 +151,7 @@ def test_turning_off_peft_input_cast_drops_the_duplicated_inputs_and_changes_no_
     back: layers sharing an input (q / k / v, gate / up) each save a private bf16 copy.
     Without the cast they share one: 4 x hidden fewer values per token and layer, and
     bit-identical losses (bf16 -> fp32 -> bf16 is exact)."""
-    from harness.spec import LoraSpec
+    from harness.core.spec import LoraSpec
 
     cells = {cast: CellSpec(model="tiny-llama", precision="bf16", seq_len=32, grad_ckpt="off", warmup_steps=1,
                             steps=1, load="pretrained", lora=LoraSpec(input_cast=cast)) for cast in (True, False)}

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import claims as C
-from harness import claimsrun, fitrun
-from harness.budget import GIB
-from harness.spec import CellSpec
+from harness.fit import claims as C
+from harness.fit import claims_run as claimsrun
+from harness.fit import search as fitrun
+from harness.core.budget import GIB
+from harness.core.spec import CellSpec
 from tests.fakes import FakeHost
 
 ROOT = Path(__file__).resolve().parent.parent

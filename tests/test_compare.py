@@ -2,9 +2,9 @@
 
 import pytest
 
-from harness.compare import CompareError, compare, parse_threshold, parse_thresholds
+from harness.report.compare import CompareError, compare, parse_threshold, parse_thresholds
 from harness.report.load import load_run_set
-from harness.report.regression import summary_line, to_markdown
+from harness.report.compare_md import summary_line, to_markdown
 from tests.report_helpers import record, write_run
 
 STEADY = (0.100, 0.101, 0.099, 0.100, 0.102)  # 2% spread

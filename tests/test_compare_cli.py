@@ -2,7 +2,7 @@
 
 import pytest
 
-from harness.options import OPTIONS
+from harness.plan.options import OPTIONS
 from tests.report_helpers import FIXTURES, ROOT, one_line_error, record, run, write_run
 
 STEADY = (0.100, 0.101, 0.099, 0.100, 0.102)

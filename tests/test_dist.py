@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from harness.spec import WindowSpec
+from harness.core.spec import WindowSpec
 
-from harness import capability, dist
-from harness.matrix import axes_for, expand
-from harness.options import build_config
-from harness.spec import CellSpec, SpecError
+from harness.plan import capability
+from harness.run import torchrun as dist
+from harness.plan.matrix import axes_for, expand
+from harness.plan.options import build_config
+from harness.core.spec import CellSpec
+from harness.core.errors import SpecError
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_FACTS = {"has_gpu": False, "gpus": [], "bitsandbytes_installed": True}
@@ -82,7 +84,7 @@ def test_capability_rules_for_torchrun_cells():
 
 
 def test_an_oom_prunes_longer_cells_of_its_own_world_size_only():
-    from harness.prune import pruned_by
+    from harness.plan.prune import pruned_by
 
     oom = CellSpec("llama-3.1-70b", "bf16", 512, "on")
     recs = [{"cell_id": oom.cell_id, "status": "oom", "spec": oom.to_dict()}]
@@ -93,7 +95,7 @@ def test_an_oom_prunes_longer_cells_of_its_own_world_size_only():
 def test_launch_command_and_environment():
     cmd = dist.torchrun_command(2, "/x/job.json", python="py")
     assert cmd == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-                   "harness.distcell", "/x/job.json"]
+                   "harness.cell.rank", "/x/job.json"]
     env = dist.launch_env({"NCCL_NVLS_ENABLE": "1", "PYTHONPATH": "/elsewhere"})
     assert env["NCCL_NVLS_ENABLE"] == "0" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     assert env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/elsewhere"]
@@ -164,8 +166,8 @@ def test_scaling_efficiency_needs_the_one_gpu_cell_of_the_run():
 
 
 def test_70b_preset_on_the_meta_device():
-    from harness.models import get_preset
-    from harness.models.build import parameter_count
+    from harness.core.models import get_preset
+    from harness.cell.build import parameter_count
 
     preset = get_preset("llama-3.1-70b")
     cfg = preset["config"]
@@ -179,8 +181,8 @@ def test_a_checkpoint_larger_than_the_disk_is_unsupported(tmp_path, monkeypatch)
     import shutil
     from collections import namedtuple
 
-    from harness.models import get_preset
-    from harness.models.build import CheckpointTooLarge, check_disk_for_checkpoint
+    from harness.core.models import get_preset
+    from harness.cell.build import CheckpointTooLarge, check_disk_for_checkpoint
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(137 << 30, 10 << 30, 127 << 30))

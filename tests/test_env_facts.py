@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness import env
+from harness.core import host as env
 
 ROOT = Path(__file__).resolve().parent.parent
 

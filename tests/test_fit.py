@@ -5,10 +5,11 @@ import json
 
 import pytest
 
-from harness import fit as F
-from harness import fitreport, fitrun
-from harness.budget import GIB, MIB
-from harness.spec import CellSpec
+from harness.fit import rules as F
+from harness.fit import report as fitreport
+from harness.fit import search as fitrun
+from harness.core.budget import GIB, MIB
+from harness.core.spec import CellSpec
 from tests.fakes import Oracle
 
 ROW = CellSpec("llama-3.1-8b", "nf4", 2, "on", warmup_steps=1, steps=1)

@@ -11,10 +11,11 @@ import types
 
 import pytest
 
-from harness.gpus import FAKE_ENV, GpuSlot, host_gpus, parse_gpus
-from harness.pool import ready_index
-from harness.spec import CellSpec, SpecError
-from harness.store import RunStore, load_records
+from harness.plan.gpus import FAKE_ENV, GpuSlot, host_gpus, parse_gpus
+from harness.run.pool import ready_index
+from harness.core.spec import CellSpec
+from harness.core.errors import SpecError
+from harness.core.store import RunStore, load_records
 
 TWO = {"has_gpu": True, "gpus": [{"index": 0, "name": "NVIDIA H200", "uuid": "GPU-aaaa-0000"},
                                  {"index": 1, "name": "NVIDIA H200", "uuid": "GPU-bbbb-1111"}]}
@@ -49,7 +50,7 @@ def test_pinning_uses_the_uuid_for_real_gpus_and_the_index_for_fake_ones(monkeyp
 
 
 def test_default_without_gpus_option_stays_serial():
-    from harness.options import build_config
+    from harness.plan.options import build_config
 
     cfg = build_config({"lh_precision": "bf16", "lh_seq_len": "64"}, NONE)
     assert cfg.gpus == () and "gpus" not in cfg.options
@@ -81,7 +82,7 @@ class FakeNvml(types.ModuleType):
 
 
 def test_a_pinned_cell_reads_its_own_gpu_in_nvml(monkeypatch):
-    from harness.trackers.memory import nvml_index_for_visible_device
+    from harness.cell.trackers.memory import nvml_index_for_visible_device
 
     nvml = FakeNvml()
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
@@ -142,8 +143,8 @@ def test_store_appends_from_threads_and_processes_never_interleave(tmp_path):
 
 
 def test_two_workers_wanting_the_same_checkpoint_write_it_once(tmp_path):
-    from harness.models import get_preset
-    from harness.models.build import checkpoint_dir, ensure_checkpoint
+    from harness.core.models import get_preset
+    from harness.cell.build import checkpoint_dir, ensure_checkpoint
 
     preset = get_preset("tiny-llama")
     logs: list[str] = []
@@ -166,7 +167,7 @@ def test_two_workers_wanting_the_same_checkpoint_write_it_once(tmp_path):
 
 
 def test_gpus_and_torchrun_cells_are_not_mixed_in_one_sweep(monkeypatch):
-    from harness.options import build_config
+    from harness.plan.options import build_config
 
     monkeypatch.delenv(FAKE_ENV, raising=False)
     with pytest.raises(SpecError, match="--world-size above 1 take the host's GPUs through torchrun"):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import fit as F
-from harness.budget import GIB
+from harness.fit import rules as F
+from harness.core.budget import GIB
 from tests.fakes import FakeHost
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from harness.checkpointing import verify
-from harness.precision import get_mode, verify_layers
-from harness.result import RECORD_FIELDS
-from harness.spec import GRAD_CKPT_MODES, PRECISIONS
+from harness.cell.checkpointing import verify
+from harness.core.axes import get_mode
+from harness.cell.precision import verify_layers
+from harness.core.record import RECORD_FIELDS
+from harness.core.axes import GRAD_CKPT_MODES, PRECISIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,7 +1,8 @@
 import pytest
 
-from harness.matrix import PRESETS, axes_for, expand, parse_ints, split_list
-from harness.spec import GRAD_CKPT_MODES, PRECISIONS, SpecError
+from harness.plan.matrix import PRESETS, axes_for, expand, parse_ints, split_list
+from harness.core.axes import GRAD_CKPT_MODES, PRECISIONS
+from harness.core.errors import SpecError
 
 
 def test_preset_sizes():

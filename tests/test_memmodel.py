@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import memmodel as M
-from harness.store import load_records
+from harness.fit import memmodel as M
+from harness.core.store import load_records
 
 GIB, MIB = 1024 ** 3, 1024 ** 2
 REF = Path(__file__).resolve().parent.parent / "reports" / "reference" / "h200-core-2026-11-29" / "results.jsonl"

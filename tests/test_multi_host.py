@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from harness.agree import AgreeError, agreement, parse_tolerances
-from harness.compare import CompareError, compare, parse_thresholds
+from harness.report.agree import AgreeError, agreement, parse_tolerances
+from harness.report.compare import CompareError, compare, parse_thresholds
 from harness.report.build import build_report
 from harness.report.load import load_run_set
 from tests.report_helpers import H200, one_line_error, record, run, write_run
@@ -161,7 +161,7 @@ def test_agree_cli_prints_cells_per_hour_and_the_table(tmp_path):
 
 
 def test_throughput_is_estimated_for_runs_without_a_measurement():
-    from harness import throughput
+    from harness.report import cell_rate as throughput
 
     t = throughput.of_run(H200)  # the serial reference run: no throughput in its run.json
     assert t["estimated"] and t["cells_run"] == 27 and 100 < t["cells_per_hour"] < 400

@@ -5,10 +5,11 @@ import math
 
 import pytest
 
-from harness.loading import FlagRequest, check_cases, load_by_flags
-from harness.precision import PrecisionProofError
-from harness.spec import CellSpec, SpecError
-from harness.workload import run_cell
+from harness.cell.loader_checks import FlagRequest, check_cases, load_by_flags
+from harness.cell.precision import PrecisionProofError
+from harness.core.spec import CellSpec
+from harness.core.errors import SpecError
+from harness.cell.train import run_cell
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +19,8 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_path(cache):
-    from harness.models import get_preset
-    from harness.models.build import ensure_checkpoint
+    from harness.core.models import get_preset
+    from harness.cell.build import ensure_checkpoint
 
     return str(ensure_checkpoint(get_preset("tiny-llama"), device="cpu", cache_dir=cache, log=lambda *_: None))
 
@@ -50,7 +51,7 @@ def test_nan_weights_are_named_as_a_diverged_update(tiny_path):
     """A NaN that is not an overflow: a LoRA weight gone bad is found and named."""
     import torch
 
-    from harness import numerics
+    from harness.cell import numerics
 
     got = load_by_flags(tiny_path, FlagRequest(dtype="bfloat16"))
     model = got.model
@@ -102,7 +103,7 @@ def test_load_by_flags_details(tiny_path):
         load_by_flags(tiny_path, FlagRequest(bnb_4bit_use_double_quant=True))
 
     def ignores_flags(path, *, device, **kwargs):  # a loader that drops the caller's quantisation
-        from harness.models.build import load_pretrained
+        from harness.cell.build import load_pretrained
 
         return load_pretrained(path, load_kwargs={"dtype": kwargs["dtype"]}, device=device, attn_implementation="sdpa")
 

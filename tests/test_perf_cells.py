@@ -5,11 +5,11 @@ import dataclasses
 
 import pytest
 
-from harness import env as env_mod
-from harness.options import build_config
-from harness.perf import PHASES, phase_field
-from harness.spec import WindowSpec
-from harness.sweep import Sweep
+from harness.core import host as env_mod
+from harness.plan.options import build_config
+from harness.core.phases import PHASES, phase_field
+from harness.core.spec import WindowSpec
+from harness.run.sweep import Sweep
 
 
 @pytest.fixture(scope="module")

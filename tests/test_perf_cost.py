@@ -7,7 +7,7 @@ import json
 import pytest
 
 from harness.cli import main
-from harness.perfreport import overhead_rows, repeatability, sweep_cost_of_run
+from harness.report.perf_tables import overhead_rows, repeatability, sweep_cost_of_run
 
 REF = "reports/reference/h200-core-2026-11-29"
 

@@ -6,10 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from harness import data
-from harness.options import build_config
-from harness.perf import (PhaseClock, attach_timers, fixed_cost, simulate_window, spread, window_decision)
-from harness.spec import CellSpec, SpecError, WindowSpec
+from harness.cell import data
+from harness.plan.options import build_config
+from harness.core.phases import PhaseClock, attach_timers, fixed_cost, spread
+from harness.core.window import simulate_window, window_decision
+from harness.core.spec import CellSpec, WindowSpec
+from harness.core.errors import SpecError
 
 CPU = {"has_gpu": False}
 RULE = dict(min_steps=5, max_steps=50, time_cap_s=30.0, stable_rel=0.01, stable_steps=3)

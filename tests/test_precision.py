@@ -1,7 +1,8 @@
 import pytest
 
-from harness.precision import MODES, count_layers, resolve_flags, verify_layers
-from harness.spec import SpecError
+from harness.core.axes import MODES
+from harness.cell.precision import count_layers, resolve_flags, verify_layers
+from harness.core.errors import SpecError
 
 
 @pytest.mark.parametrize("kw, bf16, mode", [
@@ -68,9 +69,9 @@ def test_count_layers_on_real_bitsandbytes_models(tmp_path):
     import peft
     import torch
 
-    from harness.models import get_preset
-    from harness.models.build import ensure_checkpoint, load_pretrained
-    from harness.precision import load_kwargs
+    from harness.core.models import get_preset
+    from harness.cell.build import ensure_checkpoint, load_pretrained
+    from harness.cell.precision import load_kwargs
 
     path = ensure_checkpoint(get_preset("tiny-llama"), device="cpu", cache_dir=str(tmp_path), log=lambda *_: None)
     for prec in ("nf4-dq", "int8", "bf16"):

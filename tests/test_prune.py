@@ -1,5 +1,5 @@
-from harness.prune import pruned_by, pruned_record
-from harness.spec import CellSpec
+from harness.plan.prune import pruned_by, pruned_record
+from harness.core.spec import CellSpec
 
 
 def _rec(cell, status, **kw):

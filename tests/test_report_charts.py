@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from harness.report.charts import all_charts, groups, save
+from harness.report.chart_set import all_charts
+from harness.report.charts import groups, save
 from harness.report.chart_scaling import tradeoff_points
 from harness.report.load import load_run_set
 from tests.report_helpers import FIXTURES, H200

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from harness.result import RECORD_FIELDS, Status, dumps, is_oom_message, make_record, outcome_for
+from harness.core.record import RECORD_FIELDS, Status, dumps, is_oom_message, make_record, outcome_for
 
 
 @pytest.mark.parametrize("status, action", [

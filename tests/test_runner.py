@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from harness.runner import ForkServerRunner, classify
+from harness.run.forkserver import ForkServerRunner, classify
 
 
 @pytest.fixture(scope="module")

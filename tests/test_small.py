@@ -5,10 +5,13 @@ import math
 import numpy as np
 import pytest
 
-from harness import capability, data, flops
-from harness.options import build_config
-from harness.spec import CellSpec, SpecError
-from harness.tables import fmt_duration, fmt_gib, format_table, summary_rows
+from harness.plan import capability
+from harness.cell import data
+from harness.core import flops
+from harness.plan.options import build_config
+from harness.core.spec import CellSpec
+from harness.core.errors import SpecError
+from harness.core.fmt import fmt_duration, fmt_gib, format_table, summary_rows
 
 CPU = {"has_gpu": False, "gpus": [], "bitsandbytes_installed": True, "compute_capability": None}
 T4 = {"has_gpu": True, "gpu_name": "Tesla T4", "compute_capability": "7.5", "bitsandbytes_installed": True}

@@ -1,6 +1,8 @@
 import pytest
 
-from harness.spec import CellSpec, LoraSpec, SpecError, normalize_grad_ckpt, normalize_precision, safe_name
+from harness.core.spec import CellSpec, LoraSpec, safe_name
+from harness.core.errors import SpecError
+from harness.core.axes import normalize_grad_ckpt, normalize_precision
 
 
 def test_cell_id_is_readable_and_stable():

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from harness.store import RunStore, StoreError, latest_run, load_records
+from harness.core.store import RunStore, StoreError, latest_run, load_records
 
 
 def test_append_and_read(tmp_path):

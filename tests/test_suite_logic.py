@@ -5,8 +5,11 @@ import math
 
 import pytest
 
-from harness import compat, stability, suites
-from harness.spec import PRECISIONS, SpecError
+from harness.report import compat
+from harness.report import stability
+from harness.plan import suites
+from harness.core.axes import PRECISIONS
+from harness.core.errors import SpecError
 
 CPU = {"has_gpu": False, "gpus": [], "bitsandbytes_installed": True}
 GPU = {"has_gpu": True, "gpu_name": "NVIDIA H200", "compute_capability": "9.0", "bitsandbytes_installed": True}

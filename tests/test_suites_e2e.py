@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import compat, env as env_mod
-from harness.options import build_config
-from harness.spec import GRAD_CKPT_MODES, PRECISIONS, CellSpec
+from harness.report import compat
+from harness.core import host as env_mod
+from harness.plan.options import build_config
+from harness.core.axes import GRAD_CKPT_MODES, PRECISIONS
+from harness.core.spec import CellSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -118,7 +120,7 @@ def test_a_wrong_prediction_is_attempted_and_reported(tmp_path):
     """Rules fed facts that say bitsandbytes is missing predict nf4 unsupported; the
     compatibility path attempts the cell anyway, it trains, and the disagreement is the
     finding. The matrix path records the same prediction without starting the cell."""
-    from harness.sweep import Sweep
+    from harness.run.sweep import Sweep
 
     facts = dict(env_mod.quick_facts(), bitsandbytes_installed=False)
     cfg = build_config({"device": "cpu", "run_dir": str(tmp_path / "r"), "cache_dir": str(tmp_path / "cache")}, facts)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.options import build_config
-from harness.spec import SpecError
-from harness.sweep import Sweep
+from harness.plan.options import build_config
+from harness.core.errors import SpecError
+from harness.run.sweep import Sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = {"has_gpu": False}
@@ -74,8 +74,8 @@ def test_pytest_and_cli_skip_what_the_limit_keeps_from_starting(tmp_path):
 
 
 def test_the_gpu_pool_hands_out_no_cell_past_the_limit(tmp_path, monkeypatch):
-    from harness.gpus import FAKE_ENV
-    from harness.pool import ParallelSweep
+    from harness.plan.gpus import FAKE_ENV
+    from harness.run.pool import ParallelSweep
 
     monkeypatch.setenv(FAKE_ENV, "2")
     cfg, sweep, done = _past_limit(ParallelSweep, tmp_path, 1, lh_gpus="0,1")

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from harness import data_vlm
-from harness.models import get_preset
-from harness.vlm import IGNORE_INDEX, IMAGE, TEXT, VisionGeometry, assemble_ids, labels_for, layout, min_seq_len, \
+from harness.cell import data_vlm
+from harness.core.models import get_preset
+from harness.core.vlm import IGNORE_INDEX, IMAGE, TEXT, VisionGeometry, assemble_ids, labels_for, layout, min_seq_len, \
     mrope_positions
 
 BIG = VisionGeometry.from_config(get_preset("qwen2.5-vl-7b")["config"])

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from harness import inputs
-from harness.models import get_preset, lora_exclude
-from harness.models.build import _model_class, build_from_config, make_config
-from harness.spec import CellSpec, LoraSpec
+from harness.cell import inputs
+from harness.core.models import get_preset, lora_exclude
+from harness.cell.build import _model_class, build_from_config, make_config
+from harness.core.spec import CellSpec, LoraSpec
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_pixel_rows_are_what_the_conv3d_patch_embedding_sees(tiny):
     batch, _ = _batch(tiny, image_count=1, image_size_px=112)
     pe = tiny.model.visual.patch_embed
     size, p, m = 112, 14, 2
-    from harness.data_vlm import synthetic_images
+    from harness.cell.data_vlm import synthetic_images
 
     spec_seed = 0 * 100_003 + 0 + 7_919  # data_vlm's seed for the first step's images
     image = torch.from_numpy(synthetic_images(2, size, spec_seed)[0])

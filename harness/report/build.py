@@ -13,7 +13,8 @@ from typing import Sequence
 
 from harness.report import gpu_models as gpu_model_mod
 from harness.report import pages, tables
-from harness.report.charts import Chart, all_charts, groups, save
+from harness.report.chart_set import all_charts
+from harness.report.charts import Chart, groups, save
 from harness.report.load import RunLoadError, RunSet, load_run_set
 from harness.report.pages import Block, Bullets, Code, FigureBlock, Heading, Para
 

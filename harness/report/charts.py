@@ -14,14 +14,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+
 
 import matplotlib
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from harness.spec import GRAD_CKPT_MODES, PRECISIONS
+from harness.core.axes import GRAD_CKPT_MODES, PRECISIONS
 
 # Fixed colours per precision, so bf16 is the same colour in every chart of every report.
 PRECISION_COLORS: dict[str, str] = {
@@ -134,21 +134,6 @@ def series_labels(fig: Figure) -> tuple[str, ...]:
             if gid and gid.startswith("series-"):
                 out.append(gid)
     return tuple(out)
-
-
-def all_charts(cells: pd.DataFrame) -> Iterator[Chart]:
-    """Every chart the report shows, group by group, in reading order."""
-    from harness.report import chart_matrix, chart_scaling
-
-    makers: tuple[Callable[[Group], Chart | None], ...] = (
-        chart_matrix.status_grid, chart_scaling.memory_chart, chart_scaling.throughput_chart,
-        chart_scaling.checkpointing_tradeoff, chart_matrix.loss_curves,
-    )
-    for g in groups(cells):
-        for make in makers:
-            chart = make(g)
-            if chart is not None:
-                yield chart
 
 
 def save(chart: Chart, folder: Path, formats: tuple[str, ...] = ("png", "svg")) -> dict[str, Path]:

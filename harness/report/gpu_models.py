@@ -33,7 +33,7 @@ def gpu_models(cells: pd.DataFrame) -> list[str]:
 
 def _cell_order(cells: pd.DataFrame) -> list[str]:
     """Cell ids in the matrix's order: model, precision, checkpointing, batch, length."""
-    from harness.spec import GRAD_CKPT_MODES, PRECISIONS
+    from harness.core.axes import GRAD_CKPT_MODES, PRECISIONS
 
     def key(r):
         p = PRECISIONS.index(r["precision"]) if r["precision"] in PRECISIONS else 99

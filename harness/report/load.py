@@ -22,8 +22,8 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from harness.result import SCHEMA_VERSION
-from harness.store import StoreError, iter_records
+from harness.core.record import SCHEMA_VERSION
+from harness.core.store import StoreError, iter_records
 from harness.report.units import as_float
 
 # Columns that hold numbers (stored as numbers, or as "nan"/"inf" strings for
@@ -238,7 +238,7 @@ def latest_per_cell(records: pd.DataFrame) -> pd.DataFrame:
 
 def _sort_key(col: pd.Series) -> pd.Series:
     """Precisions and checkpointing modes in the harness's order, not alphabetically."""
-    from harness.spec import GRAD_CKPT_MODES, PRECISIONS
+    from harness.core.axes import GRAD_CKPT_MODES, PRECISIONS
 
     if col.name == "precision":
         return col.map(lambda p: PRECISIONS.index(p) if p in PRECISIONS else len(PRECISIONS))
