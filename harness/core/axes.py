@@ -1,6 +1,11 @@
-"""The axes of the matrix as data: precision modes and checkpointing modes, their names,
-aliases and what each means. Pure module (no torch): the planner, the worker, the fit
-search and the reports all read these entries.
+"""The axes of the matrix as data: one entry per precision mode and per checkpointing mode.
+
+Pure module (no torch). Everything else reads these entries: the spec normalises names
+through them, the matrix presets take their members from them, the worker builds its
+loading arguments and its layer proof from a mode's fields (``harness.cell.precision``),
+the fit search and the sweep-cost tables ask whether a mode is quantised, and the charts
+take their colours and titles from them. Adding a mode is one entry here plus, for a
+precision, its loading and proof code in ``harness.cell.precision``.
 """
 
 from __future__ import annotations
@@ -9,36 +14,6 @@ from dataclasses import dataclass
 
 from harness.core.errors import SpecError
 
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4", "nf4-dq")
-
-
-GRAD_CKPT_MODES: tuple[str, ...] = ("off", "on", "offload")
-
-
-# Unsloth calls its offloaded checkpointing "unsloth"; accept the name people know.
-GRAD_CKPT_ALIASES: dict[str, str] = {"unsloth": "offload", "true": "on", "false": "off"}
-
-
-def normalize_grad_ckpt(mode: str) -> str:
-    m = str(mode).strip().lower()
-    m = GRAD_CKPT_ALIASES.get(m, m)
-    if m not in GRAD_CKPT_MODES:
-        raise SpecError(
-            f"unknown gradient checkpointing mode {mode!r}; choose from "
-            f"{', '.join(GRAD_CKPT_MODES)} (or 'unsloth' for offload)"
-        )
-    return m
-
-
-def normalize_precision(precision: str) -> str:
-    p = str(precision).strip().lower()
-    aliases = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "8bit": "int8",
-               "4bit": "nf4", "nf4dq": "nf4-dq", "nf4_dq": "nf4-dq", "qlora": "nf4-dq"}
-    p = aliases.get(p, p)
-    if p not in PRECISIONS:
-        raise SpecError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-    return p
-
 
 @dataclass(frozen=True)
 class PrecisionMode:
@@ -46,28 +21,108 @@ class PrecisionMode:
     # dtype of the (non-quantised) base weights; for quantised modes it is the dtype of
     # the modules left unquantised (embeddings, norms, lm_head) and equals compute dtype.
     weight_dtype: str | None
-    quant: str | None = None  # None, "int8" or "4bit"
+    quant: str | None = None  # None, "int8" or "4bit" (bitsandbytes layers)
     quant_type: str | None = None  # "nf4" / "fp4" for 4-bit
     double_quant: bool = False
+    aliases: tuple[str, ...] = ()
+    colour: str = "#333333"  # the same in every chart of every report
+    presets: tuple[str, ...] = ("full",)  # matrix presets that sweep it
+    summary: str = ""
 
     @property
     def bits(self) -> int:
         return {"int8": 8, "4bit": 4}.get(self.quant or "", 32 if self.weight_dtype == "float32" else 16)
 
+    @property
+    def quantised(self) -> bool:
+        return self.quant is not None
 
-MODES: dict[str, PrecisionMode] = {
-    "fp32": PrecisionMode("fp32", "float32"),
-    "bf16": PrecisionMode("bf16", "bfloat16"),
-    "fp16": PrecisionMode("fp16", "float16"),
-    "int8": PrecisionMode("int8", None, quant="int8"),
-    "nf4": PrecisionMode("nf4", None, quant="4bit", quant_type="nf4"),
-    "fp4": PrecisionMode("fp4", None, quant="4bit", quant_type="fp4"),
-    "nf4-dq": PrecisionMode("nf4-dq", None, quant="4bit", quant_type="nf4", double_quant=True),
-}
+
+@dataclass(frozen=True)
+class CheckpointingMode:
+    name: str
+    aliases: tuple[str, ...] = ()
+    colour: str = "#333333"
+    line_style: str = "-"
+    title: str = ""
+    presets: tuple[str, ...] = ("smoke", "default", "full")
+    summary: str = ""
+
+
+PRECISION_MODES: tuple[PrecisionMode, ...] = (
+    PrecisionMode("fp32", "float32", aliases=("float32",), colour="#7f7f7f", presets=("smoke", "default", "full"),
+                  summary="32-bit weights, no autocast"),
+    PrecisionMode("bf16", "bfloat16", aliases=("bfloat16",), colour="#1f77b4", presets=("smoke", "default", "full"),
+                  summary="16-bit LoRA: bf16 weights, fp32 adapters, bf16 autocast"),
+    PrecisionMode("fp16", "float16", aliases=("float16",), colour="#17becf", presets=("smoke", "full"),
+                  summary="fp16 weights with dynamic loss scaling"),
+    PrecisionMode("int8", None, quant="int8", aliases=("8bit",), colour="#d62728", presets=("smoke", "default", "full"),
+                  summary="LLM.int8 base layers (bitsandbytes)"),
+    PrecisionMode("nf4", None, quant="4bit", quant_type="nf4", aliases=("4bit",), colour="#2ca02c",
+                  presets=("smoke", "default", "full"), summary="QLoRA: NF4 base layers"),
+    PrecisionMode("fp4", None, quant="4bit", quant_type="fp4", colour="#bcbd22", presets=("smoke", "full"),
+                  summary="FP4 base layers"),
+    PrecisionMode("nf4-dq", None, quant="4bit", quant_type="nf4", double_quant=True,
+                  aliases=("nf4dq", "nf4_dq", "qlora"), colour="#9467bd", presets=("smoke", "full"),
+                  summary="NF4 with double-quantised constants"),
+)
+
+CHECKPOINTING_MODES: tuple[CheckpointingMode, ...] = (
+    CheckpointingMode("off", aliases=("false",), colour="#444444", line_style="-",
+                      title="no checkpointing (gc-off)", summary="every layer's activations stay on the device"),
+    CheckpointingMode("on", aliases=("true",), colour="#1f77b4", line_style="--", title="checkpointing (gc-on)",
+                      summary="transformers' non-reentrant checkpointing: layers recomputed in backward"),
+    # Unsloth calls its offloaded checkpointing "unsloth"; accept the name people know.
+    CheckpointingMode("offload", aliases=("unsloth",), colour="#ff7f0e", line_style=":",
+                      title="checkpointing + CPU offload (gc-offload)",
+                      summary="each layer's input kept in pinned host memory, the layer recomputed in backward"),
+)
+
+MODES: dict[str, PrecisionMode] = {m.name: m for m in PRECISION_MODES}
+GC_MODES: dict[str, CheckpointingMode] = {m.name: m for m in CHECKPOINTING_MODES}
+PRECISIONS: tuple[str, ...] = tuple(MODES)
+GRAD_CKPT_MODES: tuple[str, ...] = tuple(GC_MODES)
+PRECISION_ALIASES: dict[str, str] = {a: m.name for m in PRECISION_MODES for a in m.aliases}
+GRAD_CKPT_ALIASES: dict[str, str] = {a: m.name for m in CHECKPOINTING_MODES for a in m.aliases}
+
+
+def normalize_grad_ckpt(mode: str) -> str:
+    m = str(mode).strip().lower()
+    m = GRAD_CKPT_ALIASES.get(m, m)
+    if m not in GC_MODES:
+        raise SpecError(f"unknown gradient checkpointing mode {mode!r}; choose from {', '.join(GRAD_CKPT_MODES)} "
+                        "(or 'unsloth' for offload)")
+    return m
+
+
+def normalize_precision(precision: str) -> str:
+    p = str(precision).strip().lower()
+    p = PRECISION_ALIASES.get(p, p)
+    if p not in MODES:
+        raise SpecError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    return p
 
 
 def get_mode(precision: str) -> PrecisionMode:
     return MODES[normalize_precision(precision)]
+
+
+def is_quantised(precision: object) -> bool:
+    """Whether a precision name (as stored in any record; unknown names are not) loads
+    bitsandbytes layers."""
+    mode = MODES.get(str(precision))
+    return bool(mode and mode.quantised)
+
+
+def in_preset(preset: str, modes) -> tuple[str, ...]:
+    """Names of the modes (precision or checkpointing entries) a matrix preset sweeps."""
+    return tuple(m.name for m in modes if preset in m.presets)
+
+
+def ordered(values, names: tuple[str, ...]) -> list[str]:
+    """Distinct values in the registry's order; unknown ones last, alphabetically."""
+    seen = {str(v) for v in values if v is not None and v == v}
+    return [n for n in names if n in seen] + sorted(seen - set(names))
 
 
 def compute_dtype_name(bf16_supported: bool) -> str:

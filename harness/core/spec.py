@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.core.axes import normalize_grad_ckpt, normalize_precision
+from harness.core.axes import is_quantised, normalize_grad_ckpt, normalize_precision
 from harness.core.errors import SpecError
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw8bit", "sgd")
@@ -194,7 +194,7 @@ class CellSpec:
 
     @property
     def quantized(self) -> bool:
-        return self.precision in ("int8", "nf4", "fp4", "nf4-dq")
+        return is_quantised(self.precision)
 
     def resolved_load(self) -> str:
         if self.load != "auto":

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from harness.core.axes import is_quantised
 from harness.core.budget import GIB, MIB, REMEASURED_SLACK_BYTES, allocator_limit_bytes, budget_label
 
 # An unconstrained NVML peak must sit this far under a budget to count as a fit there:
@@ -47,7 +48,7 @@ ROW_FIELDS = ("model", "model_path", "precision", "grad_ckpt", "batch_size", "lo
 
 def row_key(spec: dict[str, Any]) -> tuple:
     """Identity of a row from a spec dict (the ``load`` path resolved: auto = what it does)."""
-    quant = spec.get("precision") in ("int8", "nf4", "fp4", "nf4-dq")
+    quant = is_quantised(spec.get("precision"))
     load = spec.get("load") or "auto"
     if load == "auto":
         load = "pretrained" if (quant or spec.get("model_path")) else "config"

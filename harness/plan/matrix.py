@@ -16,14 +16,21 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from harness.core.axes import GRAD_CKPT_MODES, PRECISIONS, normalize_grad_ckpt, normalize_precision
+from harness.core.axes import (CHECKPOINTING_MODES, GRAD_CKPT_MODES, PRECISION_MODES, PRECISIONS, in_preset,
+                                normalize_grad_ckpt, normalize_precision)
 from harness.core.spec import PARALLEL_STRATEGIES, CellSpec, LoraSpec
 from harness.core.errors import SpecError
 
+# Which modes a preset sweeps is part of each mode's registry entry (harness.core.axes).
+PRESET_LENGTHS: dict[str, tuple[int, ...]] = {
+    "smoke": (64, 256),
+    "default": (512, 2048, 8192),
+    "full": tuple(2 ** k for k in range(8, 16)),
+}
 PRESETS: dict[str, dict[str, tuple]] = {
-    "smoke": {"precision": PRECISIONS, "seq_len": (64, 256), "grad_ckpt": GRAD_CKPT_MODES},
-    "default": {"precision": ("fp32", "bf16", "int8", "nf4"), "seq_len": (512, 2048, 8192), "grad_ckpt": GRAD_CKPT_MODES},
-    "full": {"precision": PRECISIONS, "seq_len": tuple(2 ** k for k in range(8, 16)), "grad_ckpt": GRAD_CKPT_MODES},
+    name: {"precision": in_preset(name, PRECISION_MODES), "seq_len": lengths,
+           "grad_ckpt": in_preset(name, CHECKPOINTING_MODES)}
+    for name, lengths in PRESET_LENGTHS.items()
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness.core.axes import GRAD_CKPT_MODES, PRECISIONS
 from harness.plan.budgets import apply_vram_budgets
 from harness.plan.gpus import parse_gpus
 from harness.plan.matrix import PRESETS, axes_for, expand, split_list
@@ -36,9 +37,9 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("model", "model preset(s) or local checkpoint folder(s), comma list (default: llama-3.1-8b with a GPU, "
                  "tiny-llama without)"),
     Opt("matrix", f"named matrix preset: {', '.join(PRESETS)} (default: default with a GPU, smoke without)"),
-    Opt("precision", "precision modes, comma list: fp32,bf16,fp16,int8,nf4,fp4,nf4-dq (replaces the preset's)"),
+    Opt("precision", f"precision modes, comma list: {','.join(PRECISIONS)} (replaces the preset's)"),
     Opt("seq-len", "sequence lengths in tokens, comma list (replaces the preset's)"),
-    Opt("grad-ckpt", "gradient checkpointing modes, comma list: off,on,offload (alias unsloth)"),
+    Opt("grad-ckpt", f"gradient checkpointing modes, comma list: {','.join(GRAD_CKPT_MODES)} (alias unsloth)"),
     Opt("batch-size", "batch sizes, comma list (default 1)"),
     Opt("steps", "measured steps per cell, comma list (default 5)"),
     Opt("warmup-steps", "warm-up steps per cell, excluded from timing (default 2)", kind="int"),

@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
-from harness.report.charts import (STYLE, Chart, Group, mode_order, new_figure, precision_order, series_labels)
+from harness.report.charts import (MODE_LINES, STYLE, Chart, Group, mode_order, new_figure, precision_order, series_labels)
 
 # Outcome classes of the grid; error, crash and timeout are all "failed" (a bug or a
 # dead worker), unlike OOM (a measurement) and unsupported (the host can't).
@@ -97,7 +97,7 @@ def loss_curves(g: Group) -> Chart | None:
     lengths = sorted(int(s) for s in d["seq_len"].unique())
     cmap = matplotlib.colormaps["viridis"]
     colors = {s: cmap(0.85 * i / max(1, len(lengths) - 1)) for i, s in enumerate(lengths)}
-    styles = {"off": "-", "on": "--", "offload": ":"}
+    styles = MODE_LINES
     cols = min(len(precs), 3)
     nrows = (len(precs) + cols - 1) // cols
     with matplotlib.rc_context(STYLE):

@@ -21,19 +21,14 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from harness.core.axes import GRAD_CKPT_MODES, PRECISIONS
+from harness.core.axes import CHECKPOINTING_MODES, GRAD_CKPT_MODES, PRECISION_MODES, PRECISIONS, ordered
 
-# Fixed colours per precision, so bf16 is the same colour in every chart of every report.
-PRECISION_COLORS: dict[str, str] = {
-    "fp32": "#7f7f7f", "bf16": "#1f77b4", "fp16": "#17becf", "int8": "#d62728",
-    "nf4": "#2ca02c", "fp4": "#bcbd22", "nf4-dq": "#9467bd",
-}
-MODE_COLORS: dict[str, str] = {"off": "#444444", "on": "#1f77b4", "offload": "#ff7f0e"}
-MODE_TITLES: dict[str, str] = {
-    "off": "no checkpointing (gc-off)",
-    "on": "checkpointing (gc-on)",
-    "offload": "checkpointing + CPU offload (gc-offload)",
-}
+# Colours and titles come from the axis registry, so bf16 is the same colour in every
+# chart of every report.
+PRECISION_COLORS: dict[str, str] = {m.name: m.colour for m in PRECISION_MODES}
+MODE_COLORS: dict[str, str] = {m.name: m.colour for m in CHECKPOINTING_MODES}
+MODE_TITLES: dict[str, str] = {m.name: m.title for m in CHECKPOINTING_MODES}
+MODE_LINES: dict[str, str] = {m.name: m.line_style for m in CHECKPOINTING_MODES}
 STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
          "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False}
 
@@ -86,13 +81,11 @@ def slugify(text: str) -> str:
 
 
 def precision_order(values) -> list[str]:
-    vals = [v for v in dict.fromkeys(values) if isinstance(v, str)]
-    return sorted(vals, key=lambda p: (PRECISIONS.index(p) if p in PRECISIONS else 99, p))
+    return ordered([v for v in values if isinstance(v, str)], PRECISIONS)
 
 
 def mode_order(values) -> list[str]:
-    vals = [v for v in dict.fromkeys(values) if isinstance(v, str)]
-    return sorted(vals, key=lambda m: (GRAD_CKPT_MODES.index(m) if m in GRAD_CKPT_MODES else 99, m))
+    return ordered([v for v in values if isinstance(v, str)], GRAD_CKPT_MODES)
 
 
 def groups(cells: pd.DataFrame) -> list[Group]:

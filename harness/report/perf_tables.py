@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from harness.core.axes import is_quantised
 from harness.core.phases import PHASES, fixed_cost, phase_field, spread, warmup_and_measured
 from harness.core.fmt import fmt_gib, markdown_table
 
@@ -55,7 +56,7 @@ def _ts(text: str | None) -> float | None:
 # -- sweep cost --------------------------------------------------------------------------
 
 def fixed_cost_target(record: dict[str, Any]) -> float:
-    quant = str(record.get("precision")) in ("int8", "nf4", "fp4", "nf4-dq")
+    quant = is_quantised(record.get("precision"))
     return TARGET_FIXED_QUANT_S if quant else TARGET_FIXED_16BIT_S
 
 
