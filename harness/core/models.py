@@ -112,16 +112,32 @@ def image_defaults(preset_or_none: dict[str, Any] | None) -> tuple[int, int | No
     return int(img.get("count", 0)), img.get("size_px")
 
 
+def max_context(name: str, path: str | None = None) -> int:
+    """The model's own longest context (``max_position_embeddings``): a preset's from its
+    config, a local checkpoint's from its config.json (131,072 when it names none)."""
+    if path:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    else:
+        cfg = get_preset(name)["config"]
+    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    return int(cfg.get("max_position_embeddings") or text_cfg.get("max_position_embeddings") or 131072)
+
+
 def check_cell(cell):
     """Validate a cell against its model preset; returns the cell with image settings that
     equal the model's defaults cleared (so the id names only what is not the default).
 
-    Raises SpecError for image or vision-LoRA settings on a text-only model, image sizes the
-    vision tower cannot cut into tokens, and sequences too short for their images.
+    Raises SpecError for a sequence longer than the model's context, image or vision-LoRA
+    settings on a text-only model, image sizes the vision tower cannot cut into tokens, and
+    sequences too short for their images.
     """
     from harness.core.vlm import VisionGeometry, min_seq_len  # pure; imported here to keep this light
 
-    if cell.model_path:  # local checkpoints are checked by the worker, which reads their config
+    longest = max_context(cell.model, cell.model_path)
+    if cell.seq_len > longest:
+        raise SpecError(f"{cell.model}: sequence length {cell.seq_len:,} is over the model's maximum context of "
+                        f"{longest:,} tokens (max_position_embeddings)")
+    if cell.model_path:  # the rest needs a preset's vision settings; the worker checks local ones
         return cell
     preset = get_preset(cell.model)
     asked = [n for n, v in (("--images", cell.image_count), ("--image-size", cell.image_size_px),

@@ -166,6 +166,9 @@ class SweepConfig:
 def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
     """Options (keyed by ``Opt.dest`` or plain name) + host facts -> the sweep's cells."""
     v = {o.name: values.get(o.dest, values.get(o.name.replace("-", "_"))) for o in OPTIONS}
+    for o in OPTIONS:  # an option given with nothing in it must not mean "the preset's values"
+        if o.kind == "str" and isinstance(v[o.name], str) and not split_list(v[o.name]):
+            raise SpecError(f"--{o.name} is empty: give a value (see --help) or leave the option out")
     device = (v["device"] or "auto").lower()
     if device not in ("auto", "cuda", "cpu"):
         raise SpecError(f"--device must be auto, cuda or cpu, got {v['device']!r}")
