@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import socket
 import threading
 import time
@@ -30,8 +31,23 @@ class StoreError(RuntimeError):
 
 
 def new_run_id() -> str:
+    """``20261205-120142-host-3f9a0c``: readable, sorted by time, and unique even for runs
+    started in the same second on the same host (the random part; the folder is also
+    created exclusively, so a clash is retried, never shared)."""
     host = socket.gethostname().split(".")[0][:24] or "host"
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{host}"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{host}-{secrets.token_hex(3)}"
+
+
+def _new_run_dir(base: Path) -> Path:
+    base.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        path = base / new_run_id()
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise StoreError(f"cannot create a new run folder under {base}")
 
 
 def latest_run(base: str | os.PathLike = DEFAULT_BASE) -> Path | None:
@@ -66,7 +82,7 @@ class RunStore:
             if last is None:
                 raise StoreError(f"--resume: no earlier run under {base} (give --run-dir)")
             return cls(last)
-        return cls(Path(base) / new_run_id())
+        return cls(_new_run_dir(Path(base)))
 
     def log_path(self, cell_id: str) -> Path:
         return self.dir / "logs" / f"{safe_name(cell_id)}.log"
@@ -113,6 +129,59 @@ class RunStore:
     def latest_by_cell(self) -> dict[str, dict[str, Any]]:
         """The last record of each cell (a resumed run may have retried a cell)."""
         return {r["cell_id"]: r for r in self.records() if "cell_id" in r}
+
+
+class RunLock:
+    """One writer per run folder: an exclusive lock on ``<run>/.lock`` held for a whole
+    sweep. A second sweep on the same folder stops at once with a line naming the holder
+    (pid, host, command, since when). The kernel drops the lock when its process dies, so
+    a killed sweep never leaves the folder locked. (``flock`` is local to one machine: on
+    a network file system give each host its own run folder, as docs/multi-host.md says.)
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / self.NAME
+        self._fd: int | None = None
+
+    def acquire(self, command: str = "") -> "RunLock":
+        if self._fd is not None:
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder(fd)
+            os.close(fd)
+            raise StoreError(f"{self.path.parent} is in use by another sweep ({holder}); wait for it to finish "
+                             "or give another --run-dir") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
+        return self
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        try:
+            info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except ValueError:
+            return "holder unknown"
+        return (f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}"
+                + (f": {info['command'][:120]}" if info.get("command") else ""))
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def iter_records(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
