@@ -3,6 +3,12 @@
 # Installs the bitsandbytes wheel carried in .whl/ into /tmp/site, then runs the command
 # given, with the working tree on PYTHONPATH. Results are copied (tarred) into $OUT.
 #   usage: scripts/gpu-host.sh RUN_DIR -- COMMAND...
+#
+# A fresh host pays for the synthetic checkpoints once: with WRITE_AHEAD set (e.g.
+# WRITE_AHEAD="llama-3.1-8b --int8") they are written in the background while the
+# command's worker server imports its libraries; cells that need them wait on their lock.
+# The cache lives in /dev/shm where it has room (memory-speed writes and loads; the host
+# has 128 GB of RAM), else in /tmp.
 set -uo pipefail
 run_dir=$1; shift; [ "${1:-}" = "--" ] && shift
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -13,8 +19,16 @@ else
   export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-export LORA_HARNESS_CACHE=${LORA_HARNESS_CACHE:-/tmp/lora-harness-cache}
+if [ -z "${LORA_HARNESS_CACHE:-}" ]; then
+  shm_gb=$(df --output=avail -BG /dev/shm 2>/dev/null | tail -1 | tr -dc 0-9)
+  if [ "${shm_gb:-0}" -ge 48 ]; then LORA_HARNESS_CACHE=/dev/shm/lora-harness-cache; else LORA_HARNESS_CACHE=/tmp/lora-harness-cache; fi
+fi
+export LORA_HARNESS_CACHE
 mkdir -p "$run_dir"
+if [ -n "${WRITE_AHEAD:-}" ]; then
+  # shellcheck disable=SC2086 # WRITE_AHEAD is "MODEL [--int8]"
+  python3 -m harness.cell.build $WRITE_AHEAD > "$run_dir/write-ahead.log" 2>&1 &
+fi
 "$@" 2>&1 | tee -a "$run_dir/console.log"
 rc=${PIPESTATUS[0]}
 if [ -n "${OUT:-}" ]; then

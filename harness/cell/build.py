@@ -232,12 +232,22 @@ def ensure_prequantized_int8(preset: dict[str, Any], *, load_kwargs: dict[str, A
                              cache_dir: str | None = None, log=print) -> Path:
     """The int8 checkpoint of ``preset``, written on first use (atomically, like the bf16 one)."""
     final = prequantized_int8_dir(preset, load_kwargs, device, cache_dir)
-    if (final / "config.json").is_file() and (final / ".complete").is_file():
+    if _complete(final):
         return final
     base = ensure_checkpoint(preset, device=device, cache_dir=cache_dir, log=log)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # one writer at a time (a checkpoint written ahead of the sweep, a cell that needs it)
+    with open(final.parent / f".{final.name}.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if not _complete(final):
+            _write_prequantized_int8(preset, base, final, load_kwargs=load_kwargs, device=device, log=log)
+    return final
+
+
+def _write_prequantized_int8(preset: dict[str, Any], base: Path, final: Path, *, load_kwargs: dict[str, Any],
+                             device: str, log) -> None:
     import torch
 
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     t0 = time.perf_counter()
     log(f"writing the pre-quantised int8 checkpoint of {preset['name']} to {final} (once)")
@@ -252,7 +262,6 @@ def ensure_prequantized_int8(preset: dict[str, Any], *, load_kwargs: dict[str, A
     except OSError:  # another worker finished first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"int8 checkpoint written in {time.perf_counter() - t0:.1f} s")
-    return final
 
 
 def prepare_prequantized_int8(spec, opts: dict[str, Any]) -> bool:
@@ -325,3 +334,37 @@ def load_model(spec, *, load_kwargs: dict[str, Any], device: str, cache_dir: str
     # training mode. Record what we got; the workload puts it in training mode.
     info["loaded_in_training_mode"] = bool(model.training)
     return model, info
+
+
+def write_ahead(model: str, *, int8: bool = False, cache_dir: str | None = None) -> int:
+    """Write a preset's synthetic checkpoint (and its int8 one) before a sweep needs it, so
+    a fresh GPU host writes it while the worker server imports its libraries. Cells that
+    need it meanwhile wait on its lock instead of writing a second copy."""
+    import torch
+
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    t0 = time.perf_counter()
+    preset = get_preset(model)
+    ensure_checkpoint(preset, device=device, cache_dir=cache_dir, log=lambda m: print(m, flush=True))
+    if int8 and device != "cpu":
+        from harness.cell.precision import load_kwargs as precision_kwargs
+        from harness.core.models import skip_modules
+
+        kw = precision_kwargs("int8", bf16_supported=bool(torch.cuda.is_bf16_supported(including_emulation=False)),
+                              skip_modules=skip_modules(preset))
+        ensure_prequantized_int8(preset, load_kwargs=kw, device=device, cache_dir=cache_dir,
+                                 log=lambda m: print(m, flush=True))
+    print(f"checkpoints of {model} ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m harness.cell.build",
+                                 description="write a preset's synthetic checkpoint(s) ahead of a sweep")
+    ap.add_argument("model")
+    ap.add_argument("--int8", action="store_true", help="also the pre-quantised int8 checkpoint (GPU hosts)")
+    ap.add_argument("--cache-dir", default=None)
+    ns = ap.parse_args()
+    raise SystemExit(write_ahead(ns.model, int8=ns.int8, cache_dir=ns.cache_dir))
