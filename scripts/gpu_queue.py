@@ -1,0 +1,239 @@
+"""The GPU work queue: the measurements still owed on a GPU host, in order, resumable across
+calls of a few minutes each.
+
+    scripts/gpu-host.sh reports/runs/queue -- python3 scripts/gpu_queue.py --root reports/runs/queue --time-limit 540
+    (carry .whl; from the second call on also carry reports/runs/queue)
+
+Each step has its own folder under ``--root``, a command that continues whatever the
+folder already holds (``--resume`` runs, drivers that keep what they measured), a test
+of whether it is done, and a line saying how far it got. A call runs the first
+unfinished step with the time left (every step stops starting new cells or rounds before
+its limit, so a call ends between cells), then the next, until the time is up; it ends
+with a table of every step: done, how far, or not started. ``--status`` prints that
+table without running anything (no GPU needed). ``--only STEP`` runs one step.
+
+Time on the GPU host is scarce and uneven (some days 30 minutes, some none; a failed
+start costs minutes): the queue is what a session runs first whenever it gets a machine.
+The order is the trust work's: the noise-robust overhead first (harness vs bare loop,
+sampler cost), then the memory diagnostics (offload vs plain checkpointing, int8 with
+checkpointing), then the default matrix reference and its full-length rows, then the fit
+answers at 16 / 24 / 40 / 80 GiB with the cap at 65,536 tokens (after the offload and
+memory-model fixes have landed), then the training-stack cells.
+
+Imports no torch (the steps' own processes do); ``--status`` works anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+PY = sys.executable
+MODEL = "llama-3.1-8b"
+END_MARGIN_S = 15  # kept free at the end of a call for the status table and the tar
+
+
+@dataclass
+class Step:
+    name: str
+    what: str
+    command: Callable[[Path, float], list[str]]  # (step folder, seconds it may take) -> argv
+    progress: Callable[[Path], tuple[bool, str]]  # step folder -> (done, how far)
+    min_s: float  # below this much time left the step is not started
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _json(path: Path) -> dict | list | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _records(run_dir: Path) -> list[dict]:
+    from harness.core.store import load_records
+
+    path = run_dir / "results.jsonl"
+    return load_records(path) if path.is_file() else []
+
+
+# -- the steps -----------------------------------------------------------------------------
+
+OVERHEAD_CELLS = "bf16/s2048/gc-off,bf16/s2048/gc-on,nf4/s2048/gc-on"
+
+
+def _overhead_cmd(d: Path, budget: float) -> list[str]:
+    return [PY, "benchmarks/interleaved.py", "--out", str(d), "--model", MODEL, "--cells", OVERHEAD_CELLS,
+            "--time-limit", f"{budget:.0f}"]
+
+
+def _overhead_progress(d: Path) -> tuple[bool, str]:
+    data = _json(d / "interleaved.json")
+    if not isinstance(data, dict):
+        return False, "not started"
+    cells = data.get("cells") or []
+    want = len(OVERHEAD_CELLS.split(","))
+    decided = [c for c in cells if c.get("complete")]
+    return len(decided) >= want, f"{len(decided)} of {want} cells measured to their planned rounds"
+
+
+def _diag_cmd(script: str, precisions: str) -> Callable[[Path, float], list[str]]:
+    def cmd(d: Path, budget: float) -> list[str]:
+        return [PY, f"benchmarks/{script}", "--out", str(d), "--model", MODEL, "--seq-len", "8192",
+                "--precisions", precisions, "--time-limit", f"{budget:.0f}"]
+    return cmd
+
+
+def _diag_progress(name: str, precisions: str) -> Callable[[Path], tuple[bool, str]]:
+    def progress(d: Path) -> tuple[bool, str]:
+        data = _json(d / f"{name}.json")
+        if not isinstance(data, dict):
+            return False, "not started"
+        done = {str(r.get("precision")) for r in data.get("rows") or data.get("cells") or [] if r.get("status")}
+        want = set(precisions.split(","))
+        return want <= done, f"{len(want & done)} of {len(want)} precisions measured"
+    return progress
+
+
+def _expected_cells(spec: list[dict]) -> set[str]:
+    from harness.plan.options import build_config
+
+    gpu = {"has_gpu": True}
+    return {c.cell_id for values in spec for c in build_config(values, gpu).cells}
+
+
+REFERENCE = [{"model": MODEL, "matrix": "default"},
+             {"model": MODEL, "matrix": "full", "precision": "bf16,nf4"}]
+
+
+def _reference_cmd(d: Path, budget: float) -> list[str]:
+    return ["bash", "scripts/h200-reference.sh"]
+
+
+def _reference_progress(d: Path) -> tuple[bool, str]:
+    want = _expected_cells(REFERENCE)
+    have = {r.get("cell_id") for r in _records(d)}
+    if not have:
+        return False, "not started"
+    return not (want - have), f"{len(want & have)} of {len(want)} cells recorded"
+
+
+FIT_BUDGETS = "16,24,40,80"
+FIT_ROWS = {"precision": "bf16,nf4", "grad_ckpt": "on,offload"}
+
+
+def _fit_cmd(d: Path, budget: float) -> list[str]:
+    return [PY, "-m", "pytest", "suites/test_fit.py", "-p", "no:cacheprovider", "-p", "no:benchmark", "-q",
+            "--run-dir", str(d), "--resume", "--model", MODEL, "--precision", FIT_ROWS["precision"],
+            "--grad-ckpt", FIT_ROWS["grad_ckpt"], "--budgets", FIT_BUDGETS, "--granularity", "256",
+            "--max-seq-len", "65536", "--time-limit", f"{max(1.0, budget - 60):.0f}",
+            "--prior", "reports/reference/h200-core-2026-11-29"]
+
+
+def _fit_progress(d: Path) -> tuple[bool, str]:
+    data = _json(d / "fit.json")
+    if not isinstance(data, dict):
+        return False, "not started"
+    answers = [a for r in data.get("rows") or [] for a in r.get("answers") or []]
+    want = len(FIT_BUDGETS.split(",")) * len(FIT_ROWS["precision"].split(",")) * len(FIT_ROWS["grad_ckpt"].split(","))
+    measured = [a for a in answers if isinstance(a, dict) and a.get("status") in ("found", "oom", "at_cap")]
+    return len(measured) >= want, f"{len(measured)} of {want} answers measured"
+
+
+STEPS: tuple[Step, ...] = (
+    Step("overhead", "harness vs bare loop and sampler on vs off, interleaved paired rounds (8B, 2048 tokens)",
+         _overhead_cmd, _overhead_progress, min_s=150),
+    Step("offload-memory", "reserved vs allocated of gc-on and the offload variants (8B, 8192 tokens)",
+         _diag_cmd("offload_memory.py", "bf16,nf4"), _diag_progress("offload_memory", "bf16,nf4"), min_s=90),
+    Step("int8-memory", "where int8 with checkpointing keeps its memory (allocator snapshot, 8B, 8192 tokens)",
+         _diag_cmd("int8_memory.py", "int8,bf16"), _diag_progress("int8_memory", "int8,bf16"), min_s=90),
+    Step("reference", "the default matrix of the 8B preset, then the full-length bf16 / nf4 rows",
+         _reference_cmd, _reference_progress, min_s=120),
+    Step("fit", "longest context at 16 / 24 / 40 / 80 GiB, cap 65,536 (bf16, nf4 x gc-on, offload)",
+         _fit_cmd, _fit_progress, min_s=120),
+)
+
+
+# -- running -------------------------------------------------------------------------------
+
+def status_rows(root: Path) -> list[tuple[str, str, str]]:
+    rows = []
+    for step in STEPS:
+        done, how = step.progress(root / step.name)
+        rows.append((step.name, "done" if done else ("not started" if how == "not started" else "partial"), how))
+    return rows
+
+
+def status_markdown(root: Path) -> str:
+    lines = ["| step | state | how far |", "|---|---|---|"]
+    lines += [f"| {n} | {s} | {h} |" for n, s, h in status_rows(root)]
+    left = [n for n, s, _ in status_rows(root) if s != "done"]
+    lines += ["", "nothing left" if not left else f"left: {', '.join(left)}"]
+    return "\n".join(lines) + "\n"
+
+
+def run_step(step: Step, root: Path, seconds: float) -> int:
+    d = root / step.name
+    d.mkdir(parents=True, exist_ok=True)
+    argv = step.command(d, seconds)
+    env = dict(os.environ, **step.env)
+    if step.name == "reference":  # the reference script reads its folder and limit from the environment
+        env.update({"RUN": str(d), "MODEL": MODEL, "LIMIT": f"{seconds:.0f}"})
+    print(f"gpu-queue: {step.name}: {step.what}; up to {seconds:.0f} s: {' '.join(argv)}", flush=True)
+    with open(d / "queue.log", "a") as log:
+        try:
+            proc = subprocess.run(argv, cwd=ROOT, env=env, timeout=seconds + 30, stdout=log, stderr=subprocess.STDOUT)
+            return proc.returncode
+        except subprocess.TimeoutExpired:
+            print(f"gpu-queue: {step.name}: stopped at its limit", flush=True)
+            return 124
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default="reports/runs/queue", help="folder of the steps' folders (carry it back)")
+    ap.add_argument("--time-limit", type=float, default=540.0, help="seconds this call may run")
+    ap.add_argument("--status", action="store_true", help="print what is done and left; run nothing")
+    ap.add_argument("--only", help="run this step only")
+    ns = ap.parse_args(argv)
+    root = Path(ns.root)
+    names = [s.name for s in STEPS]
+    if ns.only and ns.only not in names:
+        print(f"gpu-queue: error: unknown step {ns.only!r}; steps: {', '.join(names)}", file=sys.stderr)
+        return 2
+    deadline = time.monotonic() + ns.time_limit - END_MARGIN_S
+    if not ns.status:
+        root.mkdir(parents=True, exist_ok=True)
+        for step in STEPS:
+            if ns.only and step.name != ns.only:
+                continue
+            done, how = step.progress(root / step.name)
+            if done:
+                continue
+            left = deadline - time.monotonic()
+            if left < step.min_s:
+                print(f"gpu-queue: {step.name} needs at least {step.min_s:.0f} s; {left:.0f} s left: stopping here")
+                break
+            run_step(step, root, left)
+            done, how = step.progress(root / step.name)
+            print(f"gpu-queue: {step.name}: {'done' if done else how}", flush=True)
+            if not done:
+                break  # out of time inside the step: the next call continues it
+    text = status_markdown(root)
+    if root.is_dir():
+        (root / "queue-status.md").write_text(text)
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
