@@ -38,3 +38,10 @@ def test_the_cli_says_it_in_one_line():
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == ["lora-harness: error: --precision is empty: give a value (see --help) "
                                              "or leave the option out"]
+
+
+def test_a_gpu_sweep_on_a_host_without_a_gpu_is_refused_not_recorded_as_unsupported():
+    with pytest.raises(SpecError, match="--device cuda: this host has no CUDA device"):
+        build_config({"device": "cuda"}, {"has_gpu": False, "nvml_error": "NVML Shared Library Not Found"})
+    p = subprocess.run([sys.executable, "-m", "harness", "run", "--device", "cuda"], capture_output=True, text=True)
+    assert p.returncode == 2 and "no CUDA device" in p.stderr

@@ -173,6 +173,10 @@ def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
     if device not in ("auto", "cuda", "cpu"):
         raise SpecError(f"--device must be auto, cuda or cpu, got {v['device']!r}")
     gpu = bool(facts.get("has_gpu")) and device != "cpu"
+    if device == "cuda" and not facts.get("has_gpu"):
+        # every cell would be unsupported and the sweep would measure nothing
+        why = facts.get("nvml_error") or "NVML reports no NVIDIA GPU"
+        raise SpecError(f"--device cuda: this host has no CUDA device ({why}); run on a GPU host, or use --device cpu")
     models_raw = split_list(v["model"]) or [GPU_DEFAULT_MODEL if gpu else CPU_DEFAULT_MODEL]
     refs = [resolve_model(m) for m in models_raw]
     matrix = v["matrix"] or ("default" if gpu else "smoke")
