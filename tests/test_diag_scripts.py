@@ -88,3 +88,26 @@ def test_the_time_limit_keeps_a_cell_from_starting():
 def test_sizes_read_well():
     assert diagcommon.size(None) == "n/a" and diagcommon.size(3 * 2**30) == "3.00 GiB"
     assert diagcommon.size(5 * 2**20) == "5.00 MiB" and diagcommon.size(2048) == "2.0 KiB"
+
+
+@pytest.mark.slow
+def test_the_h200_diag_job_runs_end_to_end_on_the_cpu(tmp_path):
+    """scripts/h200-diag.sh's documented CPU rehearsal: the three drivers in one folder,
+    each bounded by the time left, their tables printed at the end."""
+    run = tmp_path / "diag"
+    env = dict(os.environ, MODEL="tiny-llama", CELLS="bf16/s64/gc-off", ROUNDS="3", K="1", WARMUP="1", SEQ="64",
+               OFF_PRECISIONS="bf16", INT8_PRECISIONS="int8", DEVICE="cpu", PY=sys.executable, OMP_NUM_THREADS="1",
+               LORA_HARNESS_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+    proc = subprocess.run(["bash", "scripts/h200-diag.sh", str(run)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for f in ("interleaved/interleaved.md", "interleaved/interleaved.json", "offload/offload_memory.md",
+              "offload/offload_memory.json", "int8/int8_memory.md", "int8/int8_memory.json"):
+        assert (run / f).is_file(), f
+    for f in ("== interleaved/interleaved.md", "== offload/offload_memory.md", "== int8/int8_memory.md",
+              "h200-diag: done after"):
+        assert f in proc.stdout
+    cell = json.loads((run / "interleaved" / "interleaved.json").read_text())["cells"][0]
+    assert cell["rounds"] == 3 and cell["alternation"]["ok"]
+    assert json.loads((run / "interleaved" / "interleaved.json").read_text())["settings"]["time_limit"] <= 240
+    assert all(r["status"] == "ok" for r in json.loads((run / "offload" / "offload_memory.json").read_text())["rows"])
