@@ -79,50 +79,16 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     from harness.data import make_batches  # tokens only (numpy), so both loops see the same batches
 
-    import peft
+    import peft  # noqa: F401 - imported before the clock stops, as the harness's worker has it
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+    import transformers  # noqa: F401
 
     t_imported = time.perf_counter()
     if a.device == "cpu" or (a.device == "auto" and not torch.cuda.is_available()):
         dev = torch.device("cpu")
     else:
         dev = torch.device("cuda", 0)
-    preset = json.loads((PRESETS / f"{a.model}.json").read_text())
-    if preset.get("init_overrides") or "vision_config" in preset["config"]:
-        raise SystemExit(f"{a.model}: the bare loop covers plain text presets only")
-    cfg_data = dict(preset["config"])
-    config = AutoConfig.for_model(cfg_data.pop("model_type"), **cfg_data)
-    bf16_ok = dev.type == "cpu" or torch.cuda.is_bf16_supported(including_emulation=False)
-    compute = torch.bfloat16 if bf16_ok else torch.float16
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    skip = ["lm_head"] + list(preset.get("keep_unquantized", ()))
-    if a.precision in dtypes:
-        torch.manual_seed(a.seed)
-        with torch.device(dev):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtypes[a.precision], attn_implementation="sdpa")
-        amp = None if a.precision == "fp32" else dtypes[a.precision]
-    else:
-        if not a.checkpoint:
-            raise SystemExit("quantised precisions need --checkpoint (the harness's synthetic checkpoint folder)")
-        if a.precision == "int8":
-            q = BitsAndBytesConfig(load_in_8bit=True, load_in_4bit=False, llm_int8_skip_modules=skip)
-        else:
-            q = BitsAndBytesConfig(load_in_4bit=True, load_in_8bit=False,
-                                   bnb_4bit_quant_type="fp4" if a.precision == "fp4" else "nf4",
-                                   bnb_4bit_use_double_quant=a.precision == "nf4-dq", bnb_4bit_compute_dtype=compute,
-                                   bnb_4bit_quant_storage=torch.uint8, llm_int8_skip_modules=skip)
-        model = AutoModelForCausalLM.from_pretrained(a.checkpoint, device_map={"": str(dev)}, attn_implementation="sdpa",
-                                                     dtype=compute, quantization_config=q)
-        amp = compute
-    if a.grad_ckpt == "on":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    torch.manual_seed(a.seed)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=a.lora_rank, lora_alpha=a.lora_alpha,
-                                                       lora_dropout=a.lora_dropout, target_modules="all-linear",
-                                                       bias="none", task_type="CAUSAL_LM"))
-    model.train()
+    model, config, amp = _build_model(a, dev)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
@@ -170,6 +136,51 @@ def main(argv=None) -> int:
     if gate is not None:  # after the JSON: the driver reads it once the side has said its last word
         gate.end()
     return 0
+
+
+def _build_model(a, dev):
+    """The preset's model as the harness cell builds or loads it, checkpointing before LoRA,
+    LoRA from the seed, training mode; (model, config, autocast dtype or None)."""
+    import peft
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+    preset = json.loads((PRESETS / f"{a.model}.json").read_text())
+    if preset.get("init_overrides") or "vision_config" in preset["config"]:
+        raise SystemExit(f"{a.model}: the bare loop covers plain text presets only")
+    cfg_data = dict(preset["config"])
+    config = AutoConfig.for_model(cfg_data.pop("model_type"), **cfg_data)
+    bf16_ok = dev.type == "cpu" or torch.cuda.is_bf16_supported(including_emulation=False)
+    compute = torch.bfloat16 if bf16_ok else torch.float16
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    skip = ["lm_head"] + list(preset.get("keep_unquantized", ()))
+    if a.precision in dtypes:
+        torch.manual_seed(a.seed)
+        with torch.device(dev):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtypes[a.precision], attn_implementation="sdpa")
+        amp = None if a.precision == "fp32" else dtypes[a.precision]
+    else:
+        if not a.checkpoint:
+            raise SystemExit("quantised precisions need --checkpoint (the harness's synthetic checkpoint folder)")
+        if a.precision == "int8":
+            q = BitsAndBytesConfig(load_in_8bit=True, load_in_4bit=False, llm_int8_skip_modules=skip)
+        else:
+            q = BitsAndBytesConfig(load_in_4bit=True, load_in_8bit=False,
+                                   bnb_4bit_quant_type="fp4" if a.precision == "fp4" else "nf4",
+                                   bnb_4bit_use_double_quant=a.precision == "nf4-dq", bnb_4bit_compute_dtype=compute,
+                                   bnb_4bit_quant_storage=torch.uint8, llm_int8_skip_modules=skip)
+        model = AutoModelForCausalLM.from_pretrained(a.checkpoint, device_map={"": str(dev)}, attn_implementation="sdpa",
+                                                     dtype=compute, quantization_config=q)
+        amp = compute
+    if a.grad_ckpt == "on":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    torch.manual_seed(a.seed)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=a.lora_rank, lora_alpha=a.lora_alpha,
+                                                       lora_dropout=a.lora_dropout, target_modules="all-linear",
+                                                       bias="none", task_type="CAUSAL_LM"))
+    model.train()
+    return model, config, amp
 
 
 def _loop(step, batches, dev, sync, a):
