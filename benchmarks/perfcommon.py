@@ -80,3 +80,24 @@ class Deadline:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
+
+
+def ensure_checkpoints(runner, cells, cache_dir: str | None, device: str, log_dir: Path) -> dict[str, Path]:
+    """The synthetic checkpoint of every model whose cells load one (quantised cells), written
+    once through the worker server ``runner``; {model: folder}. SystemExit when it fails."""
+    from harness.core.models import get_preset
+    from harness.cell.build import checkpoint_dir
+
+    out: dict[str, Path] = {}
+    for cell in cells:
+        if cell.resolved_load() != "pretrained" or cell.model in out:
+            continue
+        log = Path(log_dir) / "checkpoint.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        job = runner.run_job("harness.cell.build:ensure_checkpoint_job",
+                             {"model": cell.model, "cache_dir": cache_dir, "device": device}, timeout_s=900,
+                             log_path=log)
+        if not job.result or job.result.get("status") != "ok":
+            raise SystemExit(f"could not write the synthetic checkpoint of {cell.model}: see {log}")
+        out[cell.model] = checkpoint_dir(get_preset(cell.model), cache_dir)
+    return out

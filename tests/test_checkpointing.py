@@ -163,3 +163,25 @@ def test_turning_off_peft_input_cast_drops_the_duplicated_inputs_and_changes_no_
     assert saved[True] - saved[False] == 4 * 128 * 32 * 2 * 2  # 4 x hidden, 32 tokens, bf16, 2 layers
     assert recs[True]["losses"] == recs[False]["losses"]
     assert recs[True]["lora_input_cast"] is True and recs[False]["lora_input_cast"] is False
+
+
+def test_offload_variants_compute_the_same_and_say_which_ran(cache, monkeypatch):
+    """benchmarks/offload_memory.py's variants differ in how the copy reaches the host on
+    CUDA, never in the maths: on the CPU all make the same copy, so the losses match."""
+    from harness.cell.checkpointing import OFFLOAD_VARIANT_ENV, OFFLOAD_VARIANTS
+
+    recs = {}
+    for v in OFFLOAD_VARIANTS:
+        monkeypatch.setenv(OFFLOAD_VARIANT_ENV, v)
+        recs[v] = run_cell(_cell(grad_ckpt="offload"), cache)
+    monkeypatch.delenv(OFFLOAD_VARIANT_ENV)
+    default = run_cell(_cell(grad_ckpt="offload"), cache)
+    assert default["grad_ckpt_evidence"]["offload_variant"] == "record-stream"
+    for v, r in recs.items():
+        assert r["status"] == "ok", r.get("error")
+        assert r["grad_ckpt_evidence"]["offload_variant"] == v
+        assert r["losses"] == default["losses"]
+    assert "offload_variant" not in run_cell(_cell(grad_ckpt="on"), cache)["grad_ckpt_evidence"]
+    monkeypatch.setenv(OFFLOAD_VARIANT_ENV, "sideways")
+    bad = run_cell(_cell(grad_ckpt="offload"), cache)
+    assert bad["status"] == "error" and "LORA_HARNESS_OFFLOAD_VARIANT='sideways': use one of" in bad["error"]

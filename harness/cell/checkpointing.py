@@ -8,6 +8,18 @@
   the layer runs without saving activations, and in the backward pass the input is
   brought back and the layer recomputed. (Unsloth falls back to plain checkpointing
   below 512 tokens; this harness does not, so the mode is what it says at every length.)
+  How the copy is made on CUDA is chosen by ``LORA_HARNESS_OFFLOAD_VARIANT`` (read when
+  the mode is applied; ``benchmarks/offload_memory.py`` compares them; the record's
+  evidence says which ran):
+  ``record-stream`` (the default): a side stream copies, and ``hidden.record_stream``
+  keeps the caching allocator from reusing the input's memory before the copy has read
+  it (a block so freed is not reusable until the allocator sees the side stream's
+  event complete); ``current-stream``: the copy runs on the current stream, in order
+  with the compute, no side stream (as Unsloth's ``hidden.to("cpu", non_blocking=True)``);
+  ``hold``: a side stream without ``record_stream``: the input is kept referenced
+  until the next layer's forward (or the backward pass) starts, when the current stream
+  waits for the copy's event and the reference is dropped (a plain free, in order).
+  On the CPU all three make the same plain copy.
 
 Evidence, collected on every step by :class:`Evidence`:
 - layer runs in the forward and in the backward pass (a recomputation is a layer run
@@ -31,10 +43,23 @@ Evidence, collected on every step by :class:`Evidence`:
 from __future__ import annotations
 
 import itertools
+import os
 import warnings
 from typing import Any
 
 import torch
+
+
+OFFLOAD_VARIANT_ENV = "LORA_HARNESS_OFFLOAD_VARIANT"
+OFFLOAD_VARIANTS = ("record-stream", "current-stream", "hold")
+
+
+def offload_variant() -> str:
+    """How the offload mode copies layer inputs to the host (module docstring)."""
+    v = os.environ.get(OFFLOAD_VARIANT_ENV, "").strip() or OFFLOAD_VARIANTS[0]
+    if v not in OFFLOAD_VARIANTS:
+        raise ValueError(f"{OFFLOAD_VARIANT_ENV}={v!r}: use one of {', '.join(OFFLOAD_VARIANTS)}")
+    return v
 
 
 class CheckpointProofError(RuntimeError):
@@ -67,6 +92,8 @@ class Evidence:
         self.saved_activation_bytes: int | None = None
         self.ctx_held_bytes: int | None = None
         self.ctx_held_by_function: dict[str, dict[str, int]] = {}
+        self.offload_variant: str | None = None
+        self.held: list = []  # offload variant "hold": (layer input, its copy's event) until released
         self._handles = []
         for idx, layer in enumerate(self.layers):
             for child in layer.children():
@@ -186,6 +213,7 @@ class Evidence:
             "saved_activation_bytes_step0": self.saved_activation_bytes,
             "ctx_held_activation_bytes_step0": self.ctx_held_bytes,
             "ctx_held_by_function": self.ctx_held_by_function or None,
+            **({"offload_variant": self.offload_variant} if mode == "offload" else {}),
         }
 
 
@@ -237,23 +265,30 @@ class _OffloadedLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, run, ev: Evidence, hidden: torch.Tensor, *rest):
-        ctx.run, ctx.rest, ctx.device = run, rest, hidden.device
+        ctx.run, ctx.rest, ctx.device, ctx.ev = run, rest, hidden.device, ev
         ctx.cpu_rng = torch.get_rng_state()
         ctx.dev_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        ctx.copied = None
         if hidden.is_cuda:
-            stream = _side_stream(hidden.device)
-            stream.wait_stream(torch.cuda.current_stream(hidden.device))
+            _release_held(ev, hidden.device)
             host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
-            with torch.cuda.stream(stream):
-                host.copy_(hidden.detach(), non_blocking=True)
-                ctx.copied = torch.cuda.Event()
-                ctx.copied.record(stream)
-            # The caching allocator must not hand hidden's memory to another tensor
-            # until the side stream's copy has read it.
-            hidden.record_stream(stream)
+            if ev.offload_variant == "current-stream":
+                host.copy_(hidden.detach(), non_blocking=True)  # in order with the compute
+            else:
+                stream = _side_stream(hidden.device)
+                stream.wait_stream(torch.cuda.current_stream(hidden.device))
+                with torch.cuda.stream(stream):
+                    host.copy_(hidden.detach(), non_blocking=True)
+                    ctx.copied = torch.cuda.Event()
+                    ctx.copied.record(stream)
+                if ev.offload_variant == "hold":
+                    ev.held.append((hidden, ctx.copied))
+                else:
+                    # The caching allocator must not hand hidden's memory to another tensor
+                    # until the side stream's copy has read it.
+                    hidden.record_stream(stream)
         else:
             host = hidden.detach().clone()
-            ctx.copied = None
         ctx.host = host
         ev.offloaded_tensors += 1
         ev.offloaded_bytes += host.numel() * host.element_size()
@@ -262,8 +297,10 @@ class _OffloadedLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        if ctx.copied is not None:
-            torch.cuda.current_stream(ctx.device).wait_event(ctx.copied)
+        if ctx.device.type == "cuda":
+            _release_held(ctx.ev, ctx.device)
+            if ctx.copied is not None:
+                torch.cuda.current_stream(ctx.device).wait_event(ctx.copied)
             hidden = ctx.host.to(ctx.device, non_blocking=True)
         else:
             hidden = ctx.host
@@ -282,6 +319,17 @@ class _OffloadedLayer(torch.autograd.Function):
 
 
 _STREAMS: dict[Any, Any] = {}
+
+
+def _release_held(ev: Evidence, device) -> None:
+    """Variant "hold": drop the layer inputs kept for their copies, once the current
+    stream has been told to wait for those copies (so reuse of their memory, which the
+    allocator orders on this stream, comes after the copy has read it)."""
+    if ev.held:
+        current = torch.cuda.current_stream(device)
+        for _, copied in ev.held:
+            current.wait_event(copied)
+        ev.held.clear()
 
 
 def _side_stream(device):
@@ -326,6 +374,7 @@ def apply(model, mode: str) -> Evidence:
     # weights inside a recomputed layer only get gradients if it does.
     model.enable_input_require_grads()
     if mode == "offload":
+        ev.offload_variant = offload_variant()
         fn = _offload_func(ev)
         for layer in ev.layers:
             layer._gradient_checkpointing_func = fn

@@ -155,8 +155,12 @@ class CellHooks:
         """The spec the step batches are drawn from (a rank's seed differs)."""
         return spec
 
-    def before_step(self, step: int, sync) -> None:
-        """Right before a step's timer starts."""
+    def before_step(self, step: int, sync) -> bool | None:
+        """Right before a step's timer starts. False ends the measured window before this
+        step (after at least one measured step): the step gate's stop."""
+
+    def after_step(self, step: int, step_time: float) -> None:
+        """Right after a step's timer stopped, with the step's time."""
 
     def after_train(self, model, out: dict[str, Any]) -> None:
         """After the last step, before the proofs."""
@@ -229,6 +233,10 @@ def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None,
             guard.start()
         elif spec.vram_budget_bytes is not None:
             raise Unsupported("a VRAM budget needs a CUDA device; this cell runs on the CPU")
+        if opts.get("step_gate"):  # benchmarks/interleaved.py: the cell steps in turn with other processes
+            from harness.cell.trackers.gate import GatedHooks
+
+            hooks = GatedHooks(hooks, opts["step_gate"], sampler)
         _run(spec, opts, device, sampler, out, guard, clock, hooks)
         out["status"] = Status.OK.value
     except (Unsupported, BudgetUnusable, CheckpointTooLarge) as exc:
@@ -393,7 +401,9 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
             more = min(n_max - len(batches), max(8, spec.steps))
             batches.extend(inputs.build(hooks.batch_spec(spec), cfg, preset, more, start=len(batches)).batches)
         batch = inputs.to_device(batches[i], device)
-        hooks.before_step(i, sync)
+        if hooks.before_step(i, sync) is False and i > n_warm:
+            window_rule = "gate"
+            break
         timer.start()
         evidence.enter("forward")
         probe = evidence.probe_saved(device, model) if i == 0 else contextlib.nullcontext()
@@ -413,6 +423,7 @@ def _run(spec: CellSpec, opts: dict[str, Any], device, sampler, out: _Partial, g
             skipped += 1  # the scaler found inf/nan gradients and skipped this step
         opt.zero_grad(set_to_none=True)
         dt = timer.stop()
+        hooks.after_step(i, dt)
         if guard is not None:  # outside the timed region
             guard.after_step()
         lv = float(loss.detach().float().item())
