@@ -253,8 +253,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         where = f"GPU host, but --device cpu: cells run on the CPU"
     else:
         where = "no GPU found: cells run on the CPU (tiny model by default; memory is peak RSS, not VRAM)"
-    shard = [f"lora-harness: {s.cfg.shard.describe()}"] if config.getoption("lh_shard") else []  # --shard
-    return [f"lora-harness: {where}", *shard]
+    return [f"lora-harness: {where}"] + ([f"lora-harness: {s.cfg.shard.describe()}"] if config.getoption("lh_shard") else [])
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

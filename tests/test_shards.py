@@ -131,6 +131,25 @@ def test_run_with_an_empty_shard_runs_nothing(tmp_path, capsys):
         assert err.count("\n") == 1 and msg in err
 
 
+def _pytest(*args):
+    return subprocess.run([sys.executable, "-m", "pytest", "suites/test_matrix.py", "-p", "no:cacheprovider",
+                           "--device", "cpu", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def test_pytest_parametrises_this_shards_cells(tmp_path):
+    p = _pytest("--collect-only", "-q", "--precision", "bf16,fp32", "--seq-len", "32,64", "--shard", "2/3")
+    ids = re.findall(r"test_lora_cell\[(.+?)\]", p.stdout)
+    assert ids == [c.cell_id for c in build_config(dict(OPTS, shard="2/3"), CPU).cells], p.stdout + p.stderr
+    p = _pytest("--collect-only", "-q", "--shard", "0/3")
+    assert p.returncode == 4 and "lora-harness: --shard 0/3: K must be between 1 and 3" in p.stderr
+    # an empty shard: pytest's skip, a header line saying so, no run folder
+    p = _pytest("--precision", "bf16", "--seq-len", "32", "--grad-ckpt", "off", "--shard", "2/2",
+                "--run-dir", tmp_path / "r")
+    assert p.returncode == 0 and "1 skipped" in p.stdout, p.stdout + p.stderr
+    assert "lora-harness: shard 2/2: no cells" in p.stdout and not (tmp_path / "r").exists()
+
+
 # -- the recipes ------------------------------------------------------------------------
 SAMPLE = {"${{ matrix.shard }}": "2", "${{ strategy.job-total }}": "4", "$SHARDS": "4"}
 
