@@ -124,12 +124,6 @@ class Split:
     digest: str
     basis: str = ""
 
-    def of(self, cell_id: str) -> int:
-        for k, cells in enumerate(self.shards, 1):
-            if any(c.cell_id == cell_id for c in cells):
-                return k
-        raise KeyError(cell_id)
-
 
 def fingerprint(cell_ids: Iterable[str], count: int) -> str:
     """Of the sweep (its cells) and N: shards with the same one split the same sweep."""
@@ -140,11 +134,6 @@ def fingerprint(cell_ids: Iterable[str], count: int) -> str:
 def split_digest(assignment: Mapping[str, int]) -> str:
     text = "\n".join(f"{cid}\t{k}" for cid, k in sorted(assignment.items()))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def row_id(cell: CellSpec) -> str:
-    """A readable, sortable name for the cell's row (its id with the length blanked)."""
-    return row_key(cell).cell_id.replace("/s2/", "/s*/")
 
 
 def split(cells: Sequence[CellSpec], count: int, estimate: Callable[[CellSpec], float], *,

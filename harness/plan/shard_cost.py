@@ -24,6 +24,8 @@ import math
 import statistics
 from typing import Any, Callable, Iterable
 
+from harness.core.errors import SpecError
+from harness.core.models import get_preset
 from harness.core.spec import CellSpec
 from harness.plan.prune import row_key
 
@@ -35,9 +37,6 @@ FIXED_TOKEN_STEPS = 16384
 
 def preset_params(model: str) -> float | None:
     """Approximate parameter count of a preset from its config (None: not a preset)."""
-    from harness.core.models import get_preset
-    from harness.core.errors import SpecError
-
     try:
         cfg = get_preset(model).get("config") or {}
     except SpecError:
