@@ -11,7 +11,7 @@ from harness.core.errors import SpecError
 from harness.plan.matrix import axes_for, expand
 from harness.plan.options import build_config
 from harness.plan.prune import pruned_by, pruned_record, row_key
-from harness.plan.shard import ShardSpec, fingerprint, parse_shard, split
+from harness.plan.shard import ShardSpec, fingerprint, group_key, parse_shard, split
 from harness.plan.shard_cost import History, estimator, token_model
 from harness.plan.shard_select import default_run_dir, select
 
@@ -41,9 +41,9 @@ def assignment(sp):
 def test_every_split_is_a_partition_of_whole_rows_balanced_and_deterministic(name):
     cells = SWEEPS[name]
     cost = token_model(cells)
-    row_cost = {}
+    group_cost = {}  # what the split assigns: a row, with the torchrun rows of its cells
     for c in cells:
-        row_cost[row_key(c)] = row_cost.get(row_key(c), 0.0) + cost(c)
+        group_cost[group_key(c)] = group_cost.get(group_key(c), 0.0) + cost(c)
     shuffled = list(cells)
     random.Random(7).shuffle(shuffled)
     for n in range(1, 9):
@@ -55,12 +55,15 @@ def test_every_split_is_a_partition_of_whole_rows_balanced_and_deterministic(nam
         for c in cells:
             rows.setdefault(row_key(c), set()).add(owner[c.cell_id])
         assert all(len(ks) == 1 for ks in rows.values()), "a row was split over shards"
+        for c in cells:  # a torchrun cell runs where its one-GPU cell does (scaling efficiency)
+            if c.world_size > 1:
+                assert owner[c.cell_id] == owner[c.replace(world_size=1, parallel=None).cell_id]
         for s in sp.shards:  # the sweep's order inside a shard (rows short to long)
             assert [c.cell_id for c in s] == [c.cell_id for c in cells if owner[c.cell_id] == sp.shards.index(s) + 1]
         again = split(shuffled, n, cost)
         assert assignment(again) == owner and again.fingerprint == sp.fingerprint and again.digest == sp.digest
-        assert max(sp.estimates) <= sum(sp.estimates) / n + max(row_cost.values()) + 1e-6
-        assert sum(sp.estimates) == pytest.approx(sum(row_cost.values()))
+        assert max(sp.estimates) <= sum(sp.estimates) / n + max(group_cost.values()) + 1e-6
+        assert sum(sp.estimates) == pytest.approx(sum(group_cost.values()))
     assert split(cells, 2, cost).fingerprint != split(cells, 3, cost).fingerprint
 
 

@@ -10,11 +10,13 @@ The split:
 
 - **Rows stay whole.** Cells equal but for sequence length (``harness.plan.prune.row_key``)
   go to one shard, where they run short to long as in a serial sweep; a shorter cell's
-  out-of-memory therefore prunes the longer ones exactly as it would serially.
+  out-of-memory therefore prunes the longer ones exactly as it would serially. A
+  torchrun cell's row goes with its one-GPU row too (``group_key``): its scaling
+  efficiency is computed against the one-GPU cell recorded in the same run folder.
 - **Balanced by predicted time.** Greedy longest-processing-time: rows sorted by their
   estimate (descending), then by their id; each goes to the shard with the least
   predicted time so far, the lowest-numbered on a tie. The largest shard's estimate is
-  at most the average plus the largest row's estimate.
+  at most the average plus the largest group's (row's) estimate.
 - **Deterministic.** The split depends only on the set of cells, N and the estimates,
   not on the order the cells come in, so every shard process computes the same split.
   Within a shard, cells keep the sweep's order.
@@ -26,6 +28,7 @@ split it the same way (same estimates).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass
@@ -136,14 +139,20 @@ def split_digest(assignment: Mapping[str, int]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def group_key(cell: CellSpec) -> CellSpec:
+    """What must share a shard: the cell's row, and the one-GPU row of a torchrun cell."""
+    return dataclasses.replace(row_key(cell), world_size=1, parallel=None)
+
+
 def split(cells: Sequence[CellSpec], count: int, estimate: Callable[[CellSpec], float], *,
           basis: str = "") -> Split:
-    """Rows -> shards by greedy longest-processing-time on ``estimate`` (see the module)."""
+    """Groups of rows -> shards by greedy longest-processing-time on ``estimate`` (see the
+    module)."""
     if count < 1:
         raise SpecError("the number of shards must be at least 1")
     rows: dict[CellSpec, list[CellSpec]] = {}
     for c in cells:
-        rows.setdefault(row_key(c), []).append(c)
+        rows.setdefault(group_key(c), []).append(c)
     # sums in id order: the same floats whatever order the cells came in
     cost = {k: sum(estimate(c) for c in sorted(v, key=lambda c: c.cell_id)) for k, v in rows.items()}
     order = sorted(rows, key=lambda k: (-cost[k], k.cell_id, repr(k)))
