@@ -253,7 +253,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         where = f"GPU host, but --device cpu: cells run on the CPU"
     else:
         where = "no GPU found: cells run on the CPU (tiny model by default; memory is peak RSS, not VRAM)"
-    return [f"lora-harness: {where}"]
+    return [f"lora-harness: {where}"] + ([f"lora-harness: {s.cfg.shard.describe()}"] if config.getoption("lh_shard") else [])
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -310,6 +310,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
 def pytest_collection_finish(session: pytest.Session) -> None:
     s = _session(session.config)
     items = [i for i in session.items if "lora_cell" in getattr(i, "fixturenames", ())]
+    items = items if not items or s.cfg.cells else []  # an empty --shard: pytest's skip item, no run folder
     suite_items = [i for i in session.items if set(SUITE_PARAMS) & set(getattr(i, "fixturenames", ()))]
     s.n_items = len(items) + len(suite_items)
     if (items or suite_items) and not session.config.option.collectonly:

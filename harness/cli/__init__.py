@@ -11,6 +11,7 @@ pytest plugin uses. User errors end in one line on stderr and exit code 2.
     lora-harness tables RUN_DIR    the compatibility and stability tables of a run folder
     lora-harness agree RUN_A RUN_B do two runs of the same cells agree (issue 8; harness.cli.report)
     lora-harness sweep-cost RUN_DIR  fixed cost per cell and totals of a run (harness.cli.perf)
+    lora-harness shards RUN_DIR...  do shard run folders (--shard K/N) form a complete sweep (harness.cli.shards)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Sequence
 
 from harness.cli import report as cli_report
 from harness.cli import perf as perfcli  # issue 7
+from harness.cli import shards as cli_shards
 from harness.core import host as env_mod
 from harness.plan.options import OPTIONS, build_config
 from harness.core.errors import SpecError
@@ -59,6 +61,7 @@ def parser() -> argparse.ArgumentParser:
     cli_report.add_commands(sub)  # issue 3: report, compare (each sets its handler)
     cli_report.add_scale_commands(sub)  # issue 8: agree (serial vs parallel runs)
     perfcli.add_commands(sub)  # issue 7: sweep-cost
+    cli_shards.add_commands(sub)  # shards: is a set of shard run folders a complete sweep
     # issue 5: fit
     fit = sub.add_parser("fit", help="longest trainable context per VRAM budget, by real cells under emulated budgets")
     _add_sweep_options(fit)
@@ -79,6 +82,8 @@ def cmd_cells(ns) -> int:
     for c in cfg.cells:
         print(c.cell_id)
     print(f"{len(cfg.cells)} cells ({cfg.matrix} matrix, {'GPU' if facts['has_gpu'] else 'CPU'} host)", file=sys.stderr)
+    if cfg.shard:
+        print(cfg.shard.describe(), file=sys.stderr)
     return 0
 
 
@@ -92,6 +97,10 @@ def cmd_run(ns) -> int:
         from harness.run.pool import ParallelSweep as Sweep  # noqa: F811
 
         where = ", ".join(f"{g.label} ({g.name})" for g in cfg.gpus)
+    if cfg.shard:  # the split decided this shard's cells; none is a success, not an error
+        print(f"lora-harness: {cfg.shard.describe()}", flush=True)
+        if not cfg.cells:
+            return 0
     print(f"lora-harness: {len(cfg.cells)} cells, {cfg.matrix} matrix, on {where}", flush=True)
     sweep = Sweep(cfg, facts, command="lora-harness " + " ".join(sys.argv[1:]))
     try:

@@ -111,15 +111,21 @@ def agree_text(run_a: str, run_b: str, tolerance=None) -> tuple[str, bool]:
     tol = A.parse_tolerances(tolerance)
     a, b = load_run_set([run_a]), load_run_set([run_b])
     results = A.agreement(a.records, b.records, tol)
-    ta, tb = throughput.of_run(a.runs[0].path), throughput.of_run(b.runs[0].path)
-    lines = [f"A: {a.runs[0].run_id} ({a.runs[0].path}); {throughput.line(ta)}",
-             f"B: {b.runs[0].run_id} ({b.runs[0].path}); {throughput.line(tb)}"]
+    # a side may be several run folders (the shards of a sweep): its cells per hour are the set's
+    ta, tb = throughput.of_runs([r.path for r in a.runs]), throughput.of_runs([r.path for r in b.runs])
+    lines = [f"A: {_runs_label(a.runs)}; {throughput.line(ta)}", f"B: {_runs_label(b.runs)}; {throughput.line(tb)}"]
     if ta and tb and ta.get("cells_per_hour") and tb.get("cells_per_hour"):
         lines.append(f"B runs {tb['cells_per_hour'] / ta['cells_per_hour']:.2f}x the cells per hour of A")
     heads, rows = A.table(results)
     text = "\n".join(["# Do the runs agree?", "", *[f"- {x}" for x in lines], "",
                       *[f"- {x}" for x in A.summary(results, tol)], "", markdown_table(heads, rows), ""])
     return text, all(r.verdict != "differ" for r in results)
+
+
+def _runs_label(runs) -> str:
+    if len(runs) == 1:
+        return f"{runs[0].run_id} ({runs[0].path})"
+    return f"{len(runs)} run folders ({', '.join(r.run_id for r in runs)})"
 
 
 def cmd_agree(ns: argparse.Namespace) -> int:

@@ -1,4 +1,6 @@
-"""The sweep's options, defined once for both the CLI and the pytest plugin. Pure module.
+"""The sweep's options, defined once for both the CLI and the pytest plugin. Pure module,
+but for ``--shard`` (harness.plan.shard_select reads the scheduler's environment variables
+and ``--shard-history``'s run folders).
 
 Defaults depend on the host: with an NVIDIA GPU the model is ``llama-3.1-8b`` and the
 matrix ``default``; without one, ``tiny-llama`` on CPU and the ``smoke`` matrix.
@@ -13,6 +15,7 @@ from harness.core.axes import GRAD_CKPT_MODES, PRECISIONS
 from harness.plan.budgets import apply_vram_budgets
 from harness.plan.gpus import parse_gpus
 from harness.plan.matrix import PRESETS, axes_for, expand, split_list
+from harness.plan.shard_select import default_run_dir as default_shard_dir, select as select_shard
 from harness.core.models import check_cell, resolve_model
 from harness.core.spec import CellSpec, LoraSpec, WindowSpec
 from harness.core.errors import SpecError
@@ -125,6 +128,14 @@ OPTIONS: tuple[Opt, ...] = (
                       "last 3 steps (default 0.01)", kind="float"),
     Opt("sampler-mode", "where the NVML sampler polls from: thread (default, in the cell's process) or process (a "
                         "small process of its own, which never holds the training loop's Python lock)"),
+    # sweeps beyond one machine: harness/plan/shard.py (the split), docs/clusters.md (schedulers)
+    Opt("shard", "run shard K of N of the selected cells (1/4 ... 4/4): whole rows per shard, balanced by "
+                 "predicted time, the same split in every process; auto takes K from SLURM_ARRAY_TASK_ID (N from "
+                 "SLURM_ARRAY_TASK_COUNT) or JOB_COMPLETION_INDEX (0-based; give N as auto/N); the run folder "
+                 "defaults to reports/runs/<time>-<host>-shardKofN"),
+    Opt("shard-history", "--shard: balance the shards by the wall times of these earlier run folders (comma list, "
+                         "folders of run folders or quoted globs; the same for every shard) instead of the token "
+                         "model"),
     Opt("int8-prequantized", "int8 cells of presets load a pre-quantised int8 checkpoint (written once per cache "
                              "folder) instead of converting the bf16 one at every load", kind="flag"),
 )
@@ -147,6 +158,7 @@ class SweepConfig:
     int8_prequantized: bool = False  # issue 7
     sampler_mode: str = "thread"  # issue 7
     time_limit_s: float | None = None  # --time-limit: no new cell after this many seconds of the process
+    shard: Any = None  # --shard: harness.plan.shard.ShardPlan (``cells`` is then this shard's part)
 
     def out_of_time(self, started_at: float) -> bool:
         """Whether --time-limit has passed (``started_at`` on the ``time.monotonic`` clock)."""
@@ -216,12 +228,16 @@ def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
     if gpus and any(c.world_size > 1 for c in cells):
         raise SpecError("--gpus runs one-GPU cells side by side; cells with --world-size above 1 take the host's "
                         "GPUs through torchrun: run them in a separate sweep without --gpus")
-    return SweepConfig(cells=tuple(cells), matrix=matrix, device=device, run_dir=v["run-dir"],
+    # --shard: this process's part of the sweep, decided after the checks above so they judge the whole sweep
+    shard = select_shard(cells, v["shard"], v["shard-history"])
+    cells = list(shard.cells) if shard else cells
+    run_dir = v["run-dir"] or (default_shard_dir(shard, resume=bool(v["resume"])) if shard else None)
+    return SweepConfig(cells=tuple(cells), matrix=matrix, device=device, run_dir=run_dir,
                        resume=bool(v["resume"]), fail_on_oom=bool(v["fail-on-oom"]), cell_timeout_s=float(timeout),
                        cache_dir=v["cache-dir"], nvml_period_s=period_ms / 1000.0, prune=not v["no-prune"],
                        options={k: val for k, val in v.items() if val not in (None, False)},
                        int8_prequantized=bool(v["int8-prequantized"]), sampler_mode=sampler_mode, gpus=gpus,
-                       time_limit_s=v["time-limit"])
+                       time_limit_s=v["time-limit"], shard=shard)
 
 
 def window_from_options(v: dict[str, Any]) -> WindowSpec | None:

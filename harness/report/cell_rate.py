@@ -65,11 +65,26 @@ def of_run(run_dir: str | Path) -> dict[str, Any] | None:
     return estimate(load_records(path)) if path.is_file() else None
 
 
+def of_runs(run_dirs: Iterable[str | Path]) -> dict[str, Any] | None:
+    """Several run folders read as one (the shards of a sweep, hosts side by side): the
+    estimate over all their records, from the first cell's start to the last one's end
+    (hosts' clocks are assumed to agree to a second or so). One folder: ``of_run``."""
+    from harness.core.store import load_records
+
+    dirs = [Path(d) for d in run_dirs]
+    if len(dirs) == 1:
+        return of_run(dirs[0])
+    records = [r for d in dirs if (d / "results.jsonl").is_file() for r in load_records(d / "results.jsonl")]
+    t = estimate(records)
+    return dict(t, runs=len(dirs)) if t else None
+
+
 def line(t: dict[str, Any] | None) -> str:
     if not t or not t.get("cells_per_hour"):
         return "throughput: not measured (no cell ran)"
     gpus = t.get("gpus")
     where = f" on {len(gpus)} GPU(s) ({','.join(str(g) for g in gpus)})" if gpus else ""
+    where += f" over {t['runs']} run folders" if t.get("runs") else ""
     how = " (estimated from record timestamps)" if t.get("estimated") else ""
     start = f"; worker servers started in {t['worker_start_s']:.0f} s, not counted" if t.get("worker_start_s") else ""
     return (f"throughput: {t['cells_run']} cells in {t['cells_wall_s']:.0f} s{where}: "

@@ -75,7 +75,8 @@ class Sweep:
         invocations.append({"command": self.command, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                             "options": self.config.options, "matrix": self.config.matrix,
                             "cells": len(self.config.cells)})
-        store.write_json("run.json", {"run_id": store.run_id, "invocations": invocations})
+        shard = {"shard": self.config.shard.to_json()} if self.config.shard else {}  # for `lora-harness shards`
+        store.write_json("run.json", {"run_id": store.run_id, "invocations": invocations, **shard})
         self.out(f"lora-harness: run folder {store.dir}")
 
     # issue 8: hooks harness.run.pool.ParallelSweep overrides (a worker server pinned to each
