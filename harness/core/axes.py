@@ -78,7 +78,35 @@ CHECKPOINTING_MODES: tuple[CheckpointingMode, ...] = (
                       summary="each layer's input kept in pinned host memory, the layer recomputed in backward"),
 )
 
+@dataclass(frozen=True)
+class Stack:
+    """A training stack: what loads the model and adds LoRA, and which kernels train it."""
+
+    name: str
+    packages: tuple[str, ...] = ()  # distributions it needs beyond transformers + peft
+    needs_gpu: bool = False  # its kernels are Triton / CUDA only
+    precisions: tuple[str, ...] | None = None  # precision modes its loader offers (None: all)
+    min_seq_len_offload: int = 0  # below this its offloaded checkpointing turns into plain checkpointing
+    extra: str = ""  # the package extra that installs it: pip install -e .[extra]
+    colour: str = "#333333"
+    summary: str = ""
+
+
+STACKS: tuple[Stack, ...] = (
+    Stack("hf", colour="#1f77b4", summary="transformers + peft, as they come"),
+    Stack("liger", packages=("liger-kernel",), needs_gpu=True, extra="liger", colour="#2ca02c",
+          summary="the same model with Liger kernels: fused linear cross-entropy, RMSNorm, SwiGLU, RoPE"),
+    # Unsloth's 4-bit loader always double-quantises (nf4 with nested constants: our nf4-dq),
+    # and its offloaded checkpointing is plain checkpointing below 512 tokens.
+    Stack("unsloth", packages=("unsloth", "unsloth_zoo"), needs_gpu=True, extra="unsloth",
+          precisions=("bf16", "fp16", "int8", "nf4-dq"), min_seq_len_offload=512, colour="#d62728",
+          summary="Unsloth's FastLanguageModel loading and get_peft_model"),
+)
+ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = ("sdpa", "eager", "flash_attention_2", "flex_attention")
+
 MODES: dict[str, PrecisionMode] = {m.name: m for m in PRECISION_MODES}
+STACK_BY_NAME: dict[str, Stack] = {s.name: s for s in STACKS}
+STACK_NAMES: tuple[str, ...] = tuple(STACK_BY_NAME)
 GC_MODES: dict[str, CheckpointingMode] = {m.name: m for m in CHECKPOINTING_MODES}
 PRECISIONS: tuple[str, ...] = tuple(MODES)
 GRAD_CKPT_MODES: tuple[str, ...] = tuple(GC_MODES)
@@ -101,6 +129,20 @@ def normalize_precision(precision: str) -> str:
     if p not in MODES:
         raise SpecError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     return p
+
+
+def normalize_stack(stack: str) -> str:
+    s = str(stack).strip().lower()
+    if s not in STACK_BY_NAME:
+        raise SpecError(f"unknown training stack {stack!r}; choose from {', '.join(STACK_NAMES)}")
+    return s
+
+
+def normalize_attention(impl: str) -> str:
+    a = str(impl).strip().lower()
+    if a not in ATTENTION_IMPLEMENTATIONS:
+        raise SpecError(f"unknown attention implementation {impl!r}; choose from {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    return a
 
 
 def get_mode(precision: str) -> PrecisionMode:

@@ -15,7 +15,8 @@ import re
 from typing import Any
 
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "nvidia-ml-py", "pytest",
-            "pytest-benchmark", "pandas", "matplotlib", "numpy", "safetensors")
+            "pytest-benchmark", "pandas", "matplotlib", "numpy", "safetensors", "triton", "liger-kernel", "unsloth",
+            "unsloth_zoo", "trl", "flash-attn", "ray")
 
 
 def _version(pkg: str) -> str | None:
@@ -62,7 +63,8 @@ def nvml_gpus() -> tuple[list[dict[str, Any]], str | None, str | None]:
 
 
 # Versions the capability rules (harness.plan.capability) compare against their floors.
-RULE_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
+RULE_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "triton", "liger-kernel", "unsloth",
+                 "unsloth_zoo")
 
 
 def nvml_cuda_driver_version() -> str | None:
@@ -121,7 +123,39 @@ def quick_facts() -> dict[str, Any]:
         "torch_cuda_version": torch_cuda_build(),
         "driver_cuda_version": nvml_cuda_driver_version() if gpus else None,
         "flash_attn_installed": importlib.util.find_spec("flash_attn") is not None,
+        "stack_requirements": stack_requirements(),
     }
+
+
+def unmet_requirements(dist: str, against: tuple[str, ...] = ("torch", "transformers", "peft", "triton")) -> list[str]:
+    """Requirements an installed distribution declares on ``against`` that the installed
+    versions do not meet, e.g. ``['transformers<=5.17.0 (installed 5.25.0)']``."""
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # pragma: no cover - packaging comes with pip
+        return []
+    try:
+        reqs = md.requires(dist) or []
+    except md.PackageNotFoundError:
+        return []
+    out = []
+    for text in reqs:
+        try:
+            req = Requirement(text)
+        except Exception:  # noqa: BLE001 - an unparsable line says nothing about us
+            continue
+        if req.name.lower() not in against or (req.marker is not None and not req.marker.evaluate({"extra": ""})):
+            continue
+        have = _version(req.name)
+        if have is not None and req.specifier and not req.specifier.contains(have, prereleases=True):
+            out.append(f"{req.name}{req.specifier} (installed {have})")
+    return out
+
+
+def stack_requirements() -> dict[str, list[str]]:
+    """Per optional stack package that is installed: its unmet requirements on torch,
+    transformers, peft and triton (the capability rules turn them into reasons)."""
+    return {d: unmet_requirements(d) for d in ("liger-kernel", "unsloth", "unsloth_zoo") if _version(d)}
 
 
 def summary(env: dict[str, Any]) -> str:

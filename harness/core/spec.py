@@ -11,7 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.core.axes import is_quantised, normalize_grad_ckpt, normalize_precision
+from harness.core.axes import (is_quantised, normalize_attention, normalize_grad_ckpt, normalize_precision,
+                               normalize_stack)
 from harness.core.errors import SpecError
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw8bit", "sgd")
@@ -110,10 +111,17 @@ class CellSpec:
     # issue 7: an adaptive measured window (None: exactly ``steps`` measured steps). Like
     # ``steps`` it is a measurement setting, not part of the id.
     window: WindowSpec | None = None
+    # The training stack (harness.core.axes.STACKS): "hf" is transformers + peft as they
+    # come; others load the model or train it with their own kernels. And whether the
+    # model is compiled with torch.compile. Both in the id when not the default.
+    stack: str = "hf"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", normalize_precision(self.precision))
         object.__setattr__(self, "grad_ckpt", normalize_grad_ckpt(self.grad_ckpt))
+        object.__setattr__(self, "stack", normalize_stack(self.stack))
+        object.__setattr__(self, "attn_implementation", normalize_attention(self.attn_implementation))
         if self.seq_len < 2:
             raise SpecError(f"sequence length must be >= 2 tokens, got {self.seq_len}")
         if self.batch_size < 1:
@@ -156,15 +164,23 @@ class CellSpec:
         VRAM budget).
 
         Settings that are constant across a sweep (LoRA rank, steps, optimizer) are not
-        in the id; batch size, a forced load path, image count / size and vision LoRA are,
-        when not the default (e.g. ``qwen2.5-vl-7b/bf16/s2048/gc-on/img2/px224``); a
-        multi-process cell ends in ``/ws<N>-<ddp|fsdp>``.
+        in the id; batch size, a forced load path, the training stack, torch.compile, the
+        attention kernel, image count / size and vision LoRA are, when not the default
+        (e.g. ``llama-3.1-8b/bf16/s2048/gc-on/stack-liger/compile``,
+        ``qwen2.5-vl-7b/bf16/s2048/gc-on/img2/px224``); a multi-process cell ends in
+        ``/ws<N>-<ddp|fsdp>``.
         """
         parts = [self.model, self.precision, f"s{self.seq_len}", f"gc-{self.grad_ckpt}"]
         if self.batch_size != 1:
             parts.append(f"b{self.batch_size}")
         if self.load != "auto":
             parts.append(f"load-{self.load}")
+        if self.stack != "hf":
+            parts.append(f"stack-{self.stack}")
+        if self.compile:
+            parts.append("compile")
+        if self.attn_implementation != "sdpa":
+            parts.append(f"attn-{self.attn_implementation}")
         if self.vram_budget_bytes is not None:
             from harness.core.budget import budget_label
 

@@ -43,11 +43,14 @@ DEFAULT_START = 2048
 # Fields that make two cells the same row for the search (everything that changes the
 # memory a step needs except the length and the budget).
 ROW_FIELDS = ("model", "model_path", "precision", "grad_ckpt", "batch_size", "lora", "optimizer",
-              "attn_implementation")
+              "attn_implementation", "stack", "compile")
+ROW_DEFAULTS = {"attn_implementation": "sdpa", "stack": "hf", "compile": False}
 
 
 def row_key(spec: dict[str, Any]) -> tuple:
-    """Identity of a row from a spec dict (the ``load`` path resolved: auto = what it does)."""
+    """Identity of a row from a spec dict (the ``load`` path resolved: auto = what it does;
+    settings a spec was written without take their defaults)."""
+    spec = {**ROW_DEFAULTS, **{k: v for k, v in spec.items() if v is not None or k not in ROW_DEFAULTS}}
     quant = is_quantised(spec.get("precision"))
     load = spec.get("load") or "auto"
     if load == "auto":

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from harness.core.axes import (CHECKPOINTING_MODES, GRAD_CKPT_MODES, PRECISION_MODES, PRECISIONS, in_preset,
-                                normalize_grad_ckpt, normalize_precision)
+                                normalize_attention, normalize_grad_ckpt, normalize_precision, normalize_stack)
 from harness.core.spec import PARALLEL_STRATEGIES, CellSpec, LoraSpec
 from harness.core.errors import SpecError
 
@@ -72,10 +72,14 @@ class Axes:
     # ``parallels`` holds); each larger one is crossed with every strategy.
     world_sizes: tuple[int, ...] = (1,)
     parallels: tuple[str, ...] = ("ddp",)
+    # training stacks and attention kernels: an axis like any other, "hf" / "sdpa" by default
+    stacks: tuple[str, ...] = ("hf",)
+    attns: tuple[str, ...] = ("sdpa",)
 
 
 def axes_for(preset: str, *, models: list[str], precision=None, seq_len=None, grad_ckpt=None,
-             batch_size=None, steps=None, default_steps: int = 5, world_size=None, parallel=None) -> Axes:
+             batch_size=None, steps=None, default_steps: int = 5, world_size=None, parallel=None, stack=None,
+             attn=None) -> Axes:
     """The preset's axes, with any axis given explicitly replacing the preset's."""
     if preset not in PRESETS:
         raise SpecError(f"unknown matrix preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -92,8 +96,11 @@ def axes_for(preset: str, *, models: list[str], precision=None, seq_len=None, gr
         raise SpecError(f"--parallel: unknown strategy {bad[0]!r}; choose from {', '.join(PARALLEL_STRATEGIES)}")
     if not models:
         raise SpecError("no model given")
+    stacks = [normalize_stack(x) for x in split_list(stack)] or ["hf"]
+    attns = [normalize_attention(x) for x in split_list(attn)] or ["sdpa"]
     return Axes(tuple(models), tuple(dict.fromkeys(precs)), tuple(sorted(set(lens))), tuple(dict.fromkeys(gcs)),
-                tuple(sorted(set(bss))), tuple(sorted(set(nsteps))), tuple(sorted(set(wss))), tuple(dict.fromkeys(pars)))
+                tuple(sorted(set(bss))), tuple(sorted(set(nsteps))), tuple(sorted(set(wss))), tuple(dict.fromkeys(pars)),
+                tuple(dict.fromkeys(stacks)), tuple(dict.fromkeys(attns)))
 
 
 def expand(axes: Axes, *, model_paths: dict[str, str | None] | None = None, lora: LoraSpec | None = None,
@@ -109,12 +116,14 @@ def expand(axes: Axes, *, model_paths: dict[str, str | None] | None = None, lora
     cells = [
         CellSpec(model=m, precision=p, seq_len=s, grad_ckpt=g, batch_size=b, lora=lora or LoraSpec(),
                  model_path=model_paths.get(m), steps=n, tag=f"n{n}" if tagged else "", world_size=w, parallel=par,
-                 **fixed)
-        for m, p, g, b, n, s, (w, par) in itertools.product(axes.models, axes.precisions, axes.grad_ckpts,
-                                                            axes.batch_sizes, axes.steps, axes.seq_lens, dist)
+                 stack=st, attn_implementation=at, **fixed)
+        for m, p, g, st, at, b, n, s, (w, par) in itertools.product(
+            axes.models, axes.precisions, axes.grad_ckpts, axes.stacks, axes.attns, axes.batch_sizes, axes.steps,
+            axes.seq_lens, dist)
     ]
     # A multi-GPU cell comes right after its one-GPU cell (its scaling efficiency needs it).
-    cells.sort(key=lambda c: (axes.models.index(c.model), order_p[c.precision], order_g[c.grad_ckpt], c.batch_size,
+    cells.sort(key=lambda c: (axes.models.index(c.model), order_p[c.precision], order_g[c.grad_ckpt],
+                              axes.stacks.index(c.stack), axes.attns.index(c.attn_implementation), c.batch_size,
                               c.steps, c.seq_len, dist.index((c.world_size, c.parallel))))
     ids = [c.cell_id for c in cells]
     if len(set(ids)) != len(ids):  # pragma: no cover - guarded by the id's construction

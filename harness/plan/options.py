@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.core.axes import GRAD_CKPT_MODES, PRECISIONS
+from harness.core.axes import ATTENTION_IMPLEMENTATIONS, GRAD_CKPT_MODES, PRECISIONS, STACK_NAMES
 from harness.plan.budgets import apply_vram_budgets
 from harness.plan.gpus import parse_gpus
 from harness.plan.matrix import PRESETS, axes_for, expand, split_list
@@ -136,6 +136,12 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("shard-history", "--shard: balance the shards by the wall times of these earlier run folders (comma list, "
                          "folders of run folders or quoted globs; the same for every shard) instead of the token "
                          "model"),
+    Opt("stack", f"training stacks, comma list: {','.join(STACK_NAMES)} (default hf: transformers + peft); others need "
+                 "their package (pip install -e .[liger], .[unsloth]) and a GPU; ids end in /stack-<name>"),
+    Opt("attn", f"attention implementations, comma list: {','.join(ATTENTION_IMPLEMENTATIONS)} (default sdpa); ids "
+                "end in /attn-<name> when not sdpa"),
+    Opt("compile", "compile the model with torch.compile (compile time is measured apart from the steps); ids end in "
+                   "/compile", kind="flag"),
     Opt("int8-prequantized", "int8 cells of presets load a pre-quantised int8 checkpoint (written once per cache "
                              "folder) instead of converting the bf16 one at every load", kind="flag"),
 )
@@ -194,7 +200,7 @@ def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
     matrix = v["matrix"] or ("default" if gpu else "smoke")
     axes = axes_for(matrix, models=[r.name for r in refs], precision=v["precision"], seq_len=v["seq-len"],
                     grad_ckpt=v["grad-ckpt"], batch_size=v["batch-size"], steps=v["steps"],
-                    world_size=v["world-size"], parallel=v["parallel"])
+                    world_size=v["world-size"], parallel=v["parallel"], stack=v["stack"], attn=v["attn"])
     lora_kw = {k: v[n] for k, n in (("rank", "lora-rank"), ("alpha", "lora-alpha"), ("dropout", "lora-dropout"),
                                     ("target_modules", "lora-targets")) if v[n] is not None}
     fixed = {k: v[n] for k, n in (("warmup_steps", "warmup-steps"), ("lr", "lr"), ("optimizer", "optimizer"),
@@ -205,6 +211,8 @@ def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
         lora_kw["include_vision"] = True
     if v["lora-no-input-cast"]:
         lora_kw["input_cast"] = False
+    if v["compile"]:
+        fixed["compile"] = True
     window = window_from_options(v)  # issue 7: perf
     if window is not None:
         fixed["window"] = window
