@@ -15,9 +15,20 @@ are linear in the length, and on the H200 reference data a linear fit on 512 and
 tokens predicts 8192 tokens within 2% (tests/test_memmodel.py).
 
 The metric is a record field: ``torch_peak_allocated_bytes`` (live tensors: exact and
-the same under any budget, so every cell of a row can be used) or ``peak_vram_bytes``
-(NVML, what a user sees; only cells without a budget, since a budget squeezes the
-allocator's cache).
+the same under any budget, so every cell of a row can be used), ``torch_peak_reserved_bytes``
+(what the caching allocator holds: live tensors plus the fragmentation of its blocks) or
+``peak_vram_bytes`` (NVML, what a user sees). Reserved and NVML points come only from cells
+whose allocator was not squeezed by a budget's cap.
+
+**What a budget needs** (``NeedModel``). Under a budget the allocator may hold at most its
+cap; a cell fits while what it must hold stays below it. Live tensors alone underestimate
+that (on the H200 the allocated-bytes model overshot the longest context by 10-30%:
+fragmentation grows with the length, by 0.2-0.5 MiB a token), and the unconstrained
+reserved peak overestimates it (under a cap the allocator returns cached blocks before
+it fails). So the need is modelled as allocated plus a fraction of the gap to reserved,
+``need(L) = allocated(L) + f * (reserved(L) - allocated(L))``, with ``f = 1`` until the
+row's own budget cells say otherwise (each fit bounds ``f`` from above, each OOM from
+below: ``calibrate_gap``).
 """
 
 from __future__ import annotations
@@ -119,18 +130,95 @@ def wants_quadratic(attn_implementation: str) -> bool:
     return attn_implementation in QUADRATIC_ATTENTION
 
 
+# A budget cell's reserved peak is its own (not squeezed by the cap) while it stays this far
+# below the allocator's limit.
+UNSQUEEZED_FRACTION = 0.9
+CACHE_METRICS = ("torch_peak_reserved_bytes", "peak_vram_bytes")
+
+
 def points_from_records(records: Iterable[dict[str, Any]], metric: str) -> list[Point]:
-    """Points from ok records that have the metric; NVML points only from cells without a
-    budget (a budget squeezes the cache, so their NVML peak is not the unconstrained one)."""
+    """Points from ok records that have the metric. NVML and reserved points only from
+    cells whose cache was not squeezed: no budget, or (reserved) a peak well below the cap."""
     out = []
     for r in records:
         v = r.get(metric)
         if r.get("status") != "ok" or v is None:
             continue
-        if metric == "peak_vram_bytes" and (r.get("spec") or {}).get("vram_budget_bytes") is not None:
-            continue
+        if metric in CACHE_METRICS and (r.get("spec") or {}).get("vram_budget_bytes") is not None:
+            limit = r.get("allocator_limit_bytes")
+            if metric == "peak_vram_bytes" or not limit or v > UNSQUEEZED_FRACTION * limit:
+                continue
         out.append(Point(int(r["seq_len"]), int(r.get("batch_size") or 1), int(v), str(r.get("cell_id", ""))))
     return out
+
+
+@dataclass(frozen=True)
+class NeedModel:
+    """What a cell needs the allocator to hold under a budget: allocated plus ``fraction``
+    of the fragmentation gap to the unconstrained reserved peak."""
+
+    allocated: MemModel
+    reserved: MemModel
+    fraction: float = 1.0
+
+    @property
+    def metric(self) -> str:
+        return "need"
+
+    @property
+    def quadratic(self) -> bool:
+        return self.allocated.quadratic or self.reserved.quadratic
+
+    def predict(self, seq_len: int, batch_size: int = 1) -> float:
+        a = self.allocated.predict(seq_len, batch_size)
+        gap = max(0.0, self.reserved.predict(seq_len, batch_size) - a)
+        return a + self.fraction * gap
+
+    def longest_within(self, bytes_available: float, *, batch_size: int = 1, granularity: int = 1,
+                       max_seq_len: int | None = None) -> int:
+        """Longest multiple of ``granularity`` whose need fits (a bisection: the need is
+        monotone in the length); 0 if not even the shortest fits."""
+        if self.predict(granularity, batch_size) > bytes_available:
+            return 0
+        lo, hi = 1, max(2, (max_seq_len or 10 ** 7) // granularity)
+        if self.predict(hi * granularity, batch_size) <= bytes_available:
+            return hi * granularity
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.predict(mid * granularity, batch_size) <= bytes_available:
+                lo = mid
+            else:
+                hi = mid
+        return lo * granularity
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": "need", "fraction": self.fraction, "allocated": self.allocated.to_dict(),
+                "reserved": self.reserved.to_dict()}
+
+
+def calibrate_gap(allocated: MemModel, reserved: MemModel, budget_records: Iterable[dict[str, Any]]) -> float:
+    """The fraction of the fragmentation gap a row's budget cells show is needed: a cell
+    that fit at length L under limit C needs at most ``(C - alloc(L)) / gap(L)``, one that ran
+    out of memory more. The middle of the bounds when they agree; 1 without cells."""
+    upper, lower = [], []
+    for r in budget_records:
+        limit = r.get("allocator_limit_bytes")
+        if limit is None or r.get("status") not in ("ok", "oom") or r.get("pruned"):
+            continue
+        L, b = int(r["seq_len"]), int(r.get("batch_size") or 1)
+        a = allocated.predict(L, b)
+        gap = reserved.predict(L, b) - a
+        if gap <= 0:
+            continue
+        (upper if r["status"] == "ok" else lower).append((limit - a) / gap)
+    hi, lo = (min(upper) if upper else None), (max(lower) if lower else None)
+    if hi is not None and lo is not None and lo < hi:
+        return max(0.0, (lo + hi) / 2)
+    if hi is not None:
+        return max(0.0, min(1.0, hi))
+    if lo is not None:
+        return max(1.0, lo)
+    return 1.0
 
 
 @dataclass(frozen=True)
