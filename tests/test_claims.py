@@ -178,7 +178,8 @@ def test_every_claim_is_judged_in_every_checkpointing_mode():
     assert "int8 27.00 GiB > bf16 21.00 GiB" in by[("vram-between", "on")].summary
     assert by[("8bit-extends", "offload")].verdict == C.HOLDS
     assert by[("8bit-extends", "on")].verdict == C.REFUTED
-    assert by[("ckpt-extends", "off")].verdict == C.SKIPPED and "gc-off is the mode" in by[("ckpt-extends", "off")].summary
+    off = by[("ckpt-extends", "off")]
+    assert off.verdict == C.SKIPPED and "gc-off is the mode" in off.summary
     assert all(v.margin for v in verdicts if v.verdict != C.SKIPPED)
     md = C.markdown(verdicts, "claims")
     assert "| 16-bit LoRA's VRAM use lies between full precision (fp32) and 8-bit quantisation | holds | **REFUTED** " \
@@ -190,7 +191,8 @@ def test_claims_seeds_option():
     with pytest.raises(SpecError, match="--claims-seeds"):
         claimsrun.seeds_option(0)
     _, ctx = _fake_ctx(n_seeds=3)
-    assert ctx.seeds == (0, 1, 2) and ctx.comparison_cell("bf16", "on", 2).cell_id.endswith("/gc-on/load-pretrained/seed2")
+    assert ctx.seeds == (0, 1, 2)
+    assert ctx.comparison_cell("bf16", "on", 2).cell_id.endswith("/gc-on/load-pretrained/seed2")
 
 
 def _pytest(*args):

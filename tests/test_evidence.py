@@ -122,4 +122,5 @@ def test_the_weights_are_named():
 def test_a_flat_loss_over_seeds_is_unstable():
     recs = [_rec("fp32", seed=s, losses=[6.9 + 0.001 * s] * 100) for s in (0, 1)]
     v = _verdicts(recs)["fp32"]
-    assert v["verdict"] == "unstable" and "drop 0.0% (seeds 0.0%-0.0%), limit 15.0%: 15.0% outside > noise 0.0%" in v["margin"]
+    assert v["verdict"] == "unstable"
+    assert "drop 0.0% (seeds 0.0%-0.0%), limit 15.0%: 15.0% outside > noise 0.0%" in v["margin"]

@@ -117,8 +117,8 @@ class ClaimsContext:
             return True, (f"`{rec['cell_id']}` trained (NVML peak {peak / GIB:.2f} GiB of {budget / GIB:g} GiB)"), \
                 f"NVML peak {peak / GIB:.2f} GiB of {b}: {(budget - peak) / GIB:.2f} GiB headroom"
         if rec["status"] == "oom":
-            return False, f"`{rec['cell_id']}` ran out of memory ({str(rec.get('error') or '').splitlines()[0][:160]})", \
-                f"ran out of memory under {b}"
+            first = (str(rec.get("error") or "").splitlines() or [""])[0][:160]
+            return False, f"`{rec['cell_id']}` ran out of memory ({first})", f"ran out of memory under {b}"
         return None, f"`{rec['cell_id']}`: {rec['status']}: {str(rec.get('error') or '')[:200]}", ""
 
 
@@ -208,7 +208,8 @@ def claim_ckpt_extends(ctx: ClaimsContext, grad_ckpt: str) -> C.Verdict:
     gran = ctx.search.grid(ctx.row("bf16", grad_ckpt)).granularity
     return C.judge_extends("ckpt-extends", variant, base_longest=ans.longest, base_status=ans.status,
                            other_fits_beyond=fits, probe_len=ans.longest,
-                           evidence=f"bf16 gc-{grad_ckpt} longest {ans.longest:,}; gc-off at {ans.longest:,}: {evidence}",
+                           evidence=f"bf16 gc-{grad_ckpt} longest {ans.longest:,}; gc-off at {ans.longest:,}: "
+                                    f"{evidence}",
                            margin=f"gc-off at {ans.longest:,} tokens: {margin} (lengths known to the search's "
                                   f"{gran}-token step)", **kw)
 

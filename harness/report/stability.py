@@ -282,7 +282,8 @@ def markdown(results: list[StabilityResult], verdicts: list[SeedsVerdict], th: T
            f"by more than the noise, **inconclusive** when the spread straddles a limit or fewer than "
            f"{th.min_seeds} seeds ran (one seed measures no spread).", "", markdown_table(head, body), "",
            "## Runs", "", _runs_table(results), ""]
-    notes = [f"- {v.key}: {v.verdict}: {v.margin}" for v in verdicts if v.verdict != STABLE]
+    # A non-finite verdict's reasons are its runs' problems, listed next: not twice.
+    notes = [f"- {v.key}: {v.verdict}: {v.margin}" for v in verdicts if v.verdict not in (STABLE, NONFINITE)]
     notes += [f"- {r.cell_id}: " + "; ".join(r.problems) for r in results if r.problems]
     out += ["## Findings", ""] + (notes or ["None: every precision trained like fp32."])
     return "\n".join(out) + "\n"
