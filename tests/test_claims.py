@@ -186,6 +186,19 @@ def test_every_claim_is_judged_in_every_checkpointing_mode():
            "| holds |" in md
 
 
+def test_numerics_verdicts_name_the_weights():
+    """A loss-curve verdict on a local checkpoint (the record's spec has model_path) is on
+    real weights; on a preset it is on the synthetic checkpoint's random ones."""
+    _, ctx = _fake_ctx()
+    assert claimsrun.claim_more_stable(ctx, "on").weights == "random weights (synthetic checkpoint)"
+    _, real = _fake_ctx()
+    real.template = real.template.replace(model_path="/ckpt/llama-3.1-8b")
+    v = claimsrun.claim_more_stable(real, "on")
+    assert v.weights == "real weights (/ckpt/llama-3.1-8b)" and "| real weights (/ckpt/llama-3.1-8b) |" in \
+        C.markdown([v], "claims")
+    assert C.judge_vram_between({"fp32": [None], "bf16": [1.0], "int8": [1.0]}).verdict == C.ERROR
+
+
 def test_claims_seeds_option():
     assert claimsrun.seeds_option(None) == 2 and claimsrun.seeds_option(3) == 3
     with pytest.raises(SpecError, match="--claims-seeds"):

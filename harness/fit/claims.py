@@ -110,6 +110,10 @@ def _outcome(cmps: Sequence[E.Comparison], wrong: Sequence[bool]) -> str:
 def judge_vram_between(peaks: Mapping[str, Any], variant: str = "", grad_ckpt: str = "") -> Verdict:
     """``peaks``: NVML peak bytes of fp32, bf16, int8 on the same cell, one per seed."""
     per = {k: E.finite(_per_seed(v)) for k, v in peaks.items()}
+    missing = [k for k in ("fp32", "bf16", "int8") if not per.get(k)]
+    if missing:  # e.g. --nvml-period-ms 0: no peak was sampled
+        return Verdict("vram-between", variant, ERROR, f"no NVML peak recorded for {', '.join(missing)}",
+                       {"nvml_peak_bytes": dict(peaks)}, grad_ckpt=grad_ckpt)
     cmps = [E.compare("fp32", per["fp32"], "bf16", per["bf16"]), E.compare("bf16", per["bf16"], "int8", per["int8"])]
     wrong = [c.a_mid <= c.b_mid for c in cmps]
     verdict = _outcome(cmps, wrong)
