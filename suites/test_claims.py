@@ -59,8 +59,8 @@ def claims_ctx(lora_harness):
     gpus = facts.get("gpus") or []
     try:
         n_seeds = claimsrun.seeds_option(lora_harness.pyconfig.getoption("lh_claims_seeds"))
-    except SpecError as exc:
-        raise pytest.UsageError(f"lora-harness: {exc}") from None
+    except SpecError as exc:  # a bad option ends the session as a usage error, not 18 test errors
+        pytest.exit(f"lora-harness: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
     ctx = claimsrun.ClaimsContext(template=cfg.cells[0].replace(tag="", vram_budget_bytes=None), measure=search.measure,
                                   search=search, use_gpu=bool(facts.get("has_gpu")) and cfg.device != "cpu",
                                   device_total_bytes=gpus[0].get("memory_total_bytes") if gpus else None,

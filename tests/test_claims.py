@@ -263,3 +263,10 @@ def test_claims_suite_reuses_the_run_folder(cpu_claims):
     assert (run_dir / "results.jsonl").read_text().splitlines() == lines_after_first  # nothing ran again
     assert second.returncode == first.returncode
     assert "worker server ready" not in second.stdout  # not even the worker server started
+
+
+def test_a_bad_claims_seeds_option_is_a_usage_error(tmp_path):
+    proc = _pytest("suites/test_claims.py", "-p", "no:cacheprovider", "-p", "no:benchmark", "--device", "cpu",
+                   "--claims-seeds", "0", "--run-dir", str(tmp_path / "r"))
+    assert proc.returncode == 4 and "lora-harness: --claims-seeds must be >= 1, got 0" in proc.stdout + proc.stderr
+    assert not (tmp_path / "r" / "results.jsonl").exists()
