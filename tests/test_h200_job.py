@@ -42,9 +42,12 @@ def job(tmp_path_factory):
 def test_the_job_runs_both_suites(job):
     proc, run_dir, _ = job
     out = proc.stdout
-    # the fake host refutes one claim (16-bit, no checkpointing, 2048 tokens in 24 GiB)
+    # the fake host refutes three claims, each in one checkpointing mode: 16-bit with no
+    # checkpointing does not fit 2048 tokens in 24 GiB; with gc-on int8 keeps more memory
+    # than bf16, so 16-bit's VRAM is not between fp32's and 8-bit's and 8-bit extends nothing
     assert proc.returncode == 1, out[-4000:] + proc.stderr[-2000:]
-    assert "1 failed" in out and "test_16bit_fits_2048_tokens_in_24gb[off]" in out
+    assert "3 failed" in out and "test_16bit_fits_2048_tokens_in_24gb[off]" in out
+    assert "test_16bit_vram_between_fp32_and_8bit[on]" in out and "test_8bit_extends_length_further[on]" in out
     assert out.count("PASSED suites/test_fit.py::test_longest_context") == 16
     assert "REFUTED" in out and "claims (../shared/SEED.md), measured on this host" in out
 
@@ -75,13 +78,19 @@ def test_the_fit_table_is_exact(job):
 def test_the_suites_share_their_cells(job):
     _, run_dir, _ = job
     verdicts = json.loads((run_dir / "claims.json").read_text())
-    assert len(verdicts) == 8 and all(v["verdict"] != "skipped" for v in verdicts)
+    # every claim in every checkpointing mode; only gc-off has nothing to say about checkpointing
+    assert len(verdicts) == 18
+    assert [(v["claim"], v["grad_ckpt"]) for v in verdicts if v["verdict"] == "skipped"] == [("ckpt-extends", "off")]
     recs = [json.loads(x) for x in (run_dir / "results.jsonl").read_text().splitlines()]
     ids = [r["cell_id"] for r in recs]
     assert len(ids) == len(set(ids))  # no cell measured twice
-    claims_cells = [r for r in recs if r["spec"]["tag"] != "fit" or r["precision"] == "int8" or r["grad_ckpt"] == "off"]
-    # the comparison cells, bf16 gc-off at 2048, and int8 one step past bf16's longest
-    assert sorted(r["cell_id"].split("/")[1] for r in claims_cells) == ["bf16", "bf16", "fp32", "int8", "int8", "nf4"]
+    # the comparison cells: four precisions x three modes x two seeds
+    cmp = [r for r in recs if r["spec"]["vram_budget_bytes"] is None]
+    assert sorted((r["precision"], r["grad_ckpt"], r["spec"]["seed"]) for r in cmp) == sorted(
+        (p, m, s) for p in ("fp32", "bf16", "int8", "nf4") for m in ("off", "on", "offload") for s in (0, 1))
+    # int8 one step past bf16's longest, in each mode
+    assert sorted(r["grad_ckpt"] for r in recs if r["spec"]["tag"] == "fit" and r["precision"] == "int8") == \
+        ["off", "offload", "on"]
     assert "**REFUTED**" in (run_dir / "claims.md").read_text()
 
 

@@ -43,18 +43,36 @@ def test_suite_options_and_shared_options():
 
 
 def test_stability_cells_always_include_the_fp32_reference():
-    cells = suites.cells_for("stability", {}, CPU)
+    cells = suites.cells_for("stability", {"stability_seeds": 1}, CPU)
     assert [c.precision for c in cells] == list(PRECISIONS)
     assert all(c.grad_ckpt == "off" and c.load == "pretrained" and c.warmup_steps == 0 for c in cells)
     assert len({(c.seed, c.lr, c.lora, c.seq_len) for c in cells}) == 1  # the same run but the precision
-    only = suites.cells_for("stability", {"precision": "fp16", "stability_steps": 30, "stability_model": "tiny-qwen2"},
-                            CPU)
+    only = suites.cells_for("stability", {"precision": "fp16", "stability_steps": 30, "stability_model": "tiny-qwen2",
+                                          "stability_seeds": 1}, CPU)
     assert [c.precision for c in only] == ["fp32", "fp16"] and only[0].steps == 30 and only[0].model == "tiny-qwen2"
     assert suites.reference_for(only[1]) == only[0]
-    over = suites.cells_for("overflow", {"precision": "nf4"}, CPU)
+    over = suites.cells_for("overflow", {"precision": "nf4", "stability_seeds": 1}, CPU)
     assert [c.model for c in over] == ["tiny-overflow"] * 3 and [c.precision for c in over] == ["fp32", "bf16", "fp16"]
     assert suites.loading_model({}, GPU) == "llama-3.2-1b" and suites.loading_model({"model": "tiny-qwen2"}, GPU) == \
         "tiny-qwen2"
+
+
+def test_stability_cells_repeat_each_run_over_seeds():
+    """Each precision runs once per seed (2 on a CPU host, 3 with a GPU by default): the same
+    base weights (one synthetic checkpoint), the seed's data and adapter initialisation."""
+    cells = suites.cells_for("stability", {"precision": "bf16"}, CPU)
+    assert [(c.precision, c.seed) for c in cells] == [("fp32", 0), ("fp32", 1), ("bf16", 0), ("bf16", 1)]
+    assert [c.cell_id for c in cells[2:]] == ["tiny-llama/bf16/s64/gc-off/load-pretrained/stability",
+                                              "tiny-llama/bf16/s64/gc-off/load-pretrained/stability/seed1"]
+    assert len({(c.model, c.load, c.lr, c.lora, c.seq_len, c.model_path) for c in cells}) == 1
+    assert suites.reference_for(cells[3]) == cells[1]  # each seed against fp32 of the same seed
+    assert suites.seed_siblings(cells[3], cells) == list(cells[2:])
+    gpu = suites.cells_for("stability", {"precision": "bf16", "seed": 5}, GPU)
+    assert [c.seed for c in gpu] == [5, 6, 7] * 2 and gpu[1].cell_id.endswith("/stability/seed6")
+    assert len(suites.cells_for("stability", {"stability_seeds": 4}, CPU)) == 4 * len(PRECISIONS)
+    assert [c.seed for c in suites.cells_for("overflow", {}, CPU)] == [0, 1] * 3
+    with pytest.raises(SpecError, match="--stability-seeds"):
+        suites.cells_for("stability", {"stability_seeds": 0}, CPU)
 
 
 @pytest.mark.parametrize("values, msg", [({"compat_load": "disk"}, "--compat-load"),

@@ -39,9 +39,10 @@ def suites_run(tmp_path_factory):
 
 def test_both_suites_pass_on_cpu(suites_run):
     proc, _ = suites_run
-    # 30 compat cells + 10 checkpointing groups + the loading checks + 7 stability cells + 3 overflow cells
+    # 30 compat cells + 10 checkpointing groups + the loading checks + 7 stability cells + 3 overflow
+    # cells, the last two once per seed (two on a CPU host)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "51 passed" in proc.stdout
+    assert "61 passed" in proc.stdout
     out = proc.stdout
     assert "Compatibility — CPU (no GPU)" in out and "Training stability — CPU (no GPU)" in out
     assert "None: every prediction matched the attempt." in out
@@ -88,8 +89,16 @@ def test_stability_table(suites_run):
     assert over["verdict"] == "non-finite" and over["nonfinite_steps"][0] == 0
     assert over["diagnosis"].startswith("fp16 overflow: activations became inf at step 0")
     assert over["scaler_skipped_steps"] == 100
+    # one verdict per precision over its two seeds, with the margin, the noise and the weights
+    verdicts = {(v["model"], v["precision"]): v for v in data["verdicts"]}
+    assert len(verdicts) == 10 and all(v["seeds"] == [0, 1] for v in verdicts.values())
+    assert all(v["weights"] == "random weights (synthetic checkpoint)" for v in verdicts.values())
+    bf16 = verdicts[("tiny-llama", "bf16")]
+    assert bf16["verdict"] == "stable" and bf16["ratio"]["decided"] and bf16["ratio"]["noise"] is not None
+    assert bf16["cell_ids"][1].endswith("/stability/seed1") and "(spread of 2 seeds)" in bf16["margin"]
+    assert verdicts[("tiny-overflow", "fp16")]["verdict"] == "non-finite"
     curves = data["curves"]
-    assert len(curves) == 10 and all(len(c) == 100 for c in curves.values())
+    assert len(curves) == 20 and all(len(c) == 100 for c in curves.values())
     assert all(math.isfinite(x) for c, v in curves.items() if "tiny-llama" in c for x in v)
     # the tables can be rebuilt from the records alone
     before = (run_dir / "stability.md").read_text()
@@ -101,7 +110,8 @@ def test_stability_table(suites_run):
 def test_a_nan_precision_fails_with_the_step_and_the_values(tmp_path):
     proc = _run("-m", "pytest", "suites/test_stability.py", "-p", "no:cacheprovider", "-p", "no:benchmark",
                 "-k", "trains_like and fp16", "--device", "cpu", "--run-dir", str(tmp_path / "r"),
-                "--stability-model", "tiny-overflow", "--precision", "fp16", "--stability-steps", "12")
+                "--stability-model", "tiny-overflow", "--precision", "fp16", "--stability-steps", "12",
+                "--stability-seeds", "1")  # one seed decides no threshold, but a NaN fails whatever the seeds
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert "1 failed, 4 deselected" in proc.stdout  # fp32 ran too, as the reference, without its own test
     assert ("tiny-overflow/fp16/s64/gc-off/load-pretrained/stability: loss not finite at 12 of 12 steps, first at "

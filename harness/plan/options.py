@@ -107,6 +107,13 @@ OPTIONS: tuple[Opt, ...] = (
                            "tiny-llama without)"),
     Opt("stability-seq-len", "sequence length of stability cells (default 256 with a GPU, 64 without)", kind="int"),
     Opt("stability-steps", "training steps per stability cell (default 100)", kind="int"),
+    Opt("stability-seeds", "seeds per stability cell: --seed and the next ones, each a cell of its own (ids of "
+                           "the second on end in /seed<k>); a verdict is judged against their spread, and one seed "
+                           "gives none (default 3 with a GPU, 2 without)", kind="int"),
+    # the claims suite (suites/test_claims.py, harness/fit/claims_run.py)
+    Opt("claims-seeds", "seeds of the claims' comparison cells (tokens/s, loss curves, peaks): --seed and the next "
+                        "ones; a comparison is decided only outside their spread, so one seed decides none "
+                        "(default 2)", kind="int"),
     # issue 8: torchrun cells (harness/run/torchrun.py launches them, harness/cell/rank.py is each rank)
     Opt("world-size", "processes (GPUs) per cell, comma list (default 1); a cell with more than one is launched "
                       "with torchrun, one rank per GPU (CPU hosts: gloo, one rank per process); its id ends in "

@@ -7,17 +7,22 @@ questions and pick their own cells from the same options (``harness.plan.options
   capability rules predict it? Every precision x mode, a short length, two steps (one
   warm-up), and for 16/32-bit precisions both load paths (``from_config`` and
   ``from_pretrained``; quantised cells always load through ``from_pretrained``).
-- **stability**: does each precision train like fp32? The same LoRA, seed and synthetic
-  task for 100 steps, all precisions loaded from the same synthetic checkpoint
+- **stability**: does each precision train like fp32? The same LoRA and synthetic task
+  for 100 steps, all precisions loaded from the same synthetic checkpoint
   (``load=pretrained``) so they share the base weights; fp32 is always run as the
-  reference. Plus the **overflow case**: ``tiny-overflow`` in fp32 / bf16 / fp16, built
-  so that fp16 activations exceed 65,504.
+  reference. Every cell runs once per seed (``--stability-seeds``: 3 with a GPU, 2
+  without; ``--seed`` and the next ones): the base weights do not depend on the seed, the
+  data and the adapter's initialisation do, and each seed's cell is compared with fp32 of
+  the same seed. The verdict is judged against the spread over the seeds
+  (``harness.report.stability``). Plus the **overflow case**: ``tiny-overflow`` in fp32 /
+  bf16 / fp16, built so that fp16 activations exceed 65,504 (with the same seeds).
 
 Shared with the matrix: --model (unless --compat-model / --stability-model), --precision,
 --grad-ckpt (compat), --lr, --seed, --optimizer, --lora-*, --device and the run options.
 Not shared: --seq-len, --steps, --warmup-steps, --batch-size, --load, --matrix.
 Each suite's cells carry a tag in their id (``.../compat``, ``.../stability``) so they
-never collide with matrix cells in a shared run folder.
+never collide with matrix cells in a shared run folder; a stability cell of the second
+seed on ends in ``/seed<k>`` (``.../stability/seed1``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any
 
 from harness.plan.matrix import split_list
 from harness.plan.options import OPTIONS, build_config
+from harness.core import evidence
 from harness.core.axes import GRAD_CKPT_MODES, PRECISIONS
 from harness.core.spec import CellSpec
 from harness.core.errors import SpecError
@@ -51,6 +57,7 @@ class SuiteDefaults:
 
 COMPAT = SuiteDefaults(seq_len_gpu=256, seq_len_cpu=64, steps=2)
 STABILITY = SuiteDefaults(seq_len_gpu=256, seq_len_cpu=64, steps=100)
+STABILITY_SEEDS_GPU, STABILITY_SEEDS_CPU = 3, 2
 
 
 def _values(values: dict[str, Any]) -> dict[str, Any]:
@@ -126,8 +133,23 @@ def compat_cells(values: dict[str, Any], facts: dict[str, Any]) -> tuple[CellSpe
     return tuple(_tagged(cells, "compat"))
 
 
+def stability_seeds(values: dict[str, Any], facts: dict[str, Any]) -> tuple[int, ...]:
+    """The seeds every stability cell runs with: --seed and the next --stability-seeds - 1."""
+    v = _values(values)
+    n = v["stability-seeds"]
+    n = (STABILITY_SEEDS_GPU if _uses_gpu(v, facts) else STABILITY_SEEDS_CPU) if n is None else int(n)
+    if n < 1:
+        raise SpecError(f"--stability-seeds must be >= 1, got {n}")
+    return evidence.seeds(int(v["seed"] or 0), n)
+
+
+def _seeded(cells: list[CellSpec], seeds: tuple[int, ...]) -> tuple[CellSpec, ...]:
+    """Each cell once per seed, a cell's seeds next to each other; the first seed keeps the id."""
+    return tuple(c.replace(seed=s, tag=evidence.seed_tag(c.tag, s, seeds[0])) for c in cells for s in seeds)
+
+
 def stability_cells(values: dict[str, Any], facts: dict[str, Any]) -> tuple[CellSpec, ...]:
-    """fp32 (the reference) and every selected precision: same LoRA, seed and checkpoint."""
+    """fp32 (the reference) and every selected precision: same LoRA and checkpoint, each seed."""
     v = _values(values)
     model, steps, seq = _suite_basics(v, facts, "stability", STABILITY)
     precisions = split_list(v["precision"])
@@ -135,7 +157,7 @@ def stability_cells(values: dict[str, Any], facts: dict[str, Any]) -> tuple[Cell
         precisions = ["fp32"] + precisions  # the reference curve every other one is compared with
     cells = _cells(dict(v, precision=",".join(precisions) or None), facts, model=model, seq_len=str(seq),
                    steps=str(steps), warmup_steps=0, load="pretrained", grad_ckpt="off")
-    return tuple(_tagged(cells, "stability"))
+    return _seeded(_tagged(cells, "stability"), stability_seeds(values, facts))
 
 
 def overflow_cells(values: dict[str, Any], facts: dict[str, Any]) -> tuple[CellSpec, ...]:
@@ -145,7 +167,13 @@ def overflow_cells(values: dict[str, Any], facts: dict[str, Any]) -> tuple[CellS
     cells = _cells(dict(v, model=None, precision=None), facts, model=OVERFLOW_MODEL,
                    precision=",".join(OVERFLOW_PRECISIONS), seq_len=str(OVERFLOW_SEQ_LEN), steps=str(steps),
                    warmup_steps=0, load="pretrained", grad_ckpt="off")
-    return tuple(_tagged(cells, "stability"))
+    return _seeded(_tagged(cells, "stability"), stability_seeds(values, facts))
+
+
+def seed_siblings(cell: CellSpec, cells: tuple[CellSpec, ...] | list[CellSpec]) -> list[CellSpec]:
+    """The cells among ``cells`` that repeat ``cell``'s run with another seed (itself included)."""
+    key = evidence.repeat_key(cell.to_dict())
+    return [c for c in cells if evidence.repeat_key(c.to_dict()) == key]
 
 
 def loading_model(values: dict[str, Any], facts: dict[str, Any]) -> str:

@@ -1,18 +1,32 @@
-"""Training stability across precisions: each precision's loss curve judged against the
-fp32 curve of the same model, LoRA, seed and task. Pure module (no torch).
+"""Training stability across precisions: each precision's loss curves judged against the
+fp32 curves of the same model, LoRA, seed and task, over several seeds. Pure module (no
+torch).
 
-What is measured per precision (``judge``):
+What is measured per run (one precision, one seed: ``judge``):
 - first / final loss: the mean of the first / last ``window`` steps (single steps are
   noisy: every step draws a fresh batch);
 - drop: how much the loss fell, (first - final) / first;
-- final-loss ratio: final / fp32's final;
+- final-loss ratio: final / fp32's final of the same seed;
 - largest deviation: max |loss - fp32 loss| over the steps both have finite, and where;
 - non-finite steps: every step whose loss is NaN or inf, with the first value;
 - loss-scaler skips (fp16 and fp16-compute modes): steps GradScaler skipped.
+A run's ``problems`` name what that run alone shows (a non-finite loss with its step, the
+value and the worker's diagnosis, e.g. "fp16 overflow: activations became inf at step 3
+in ..."; a loss that did not fall; a ratio beyond the limit): evidence, not the verdict.
 
-A precision fails (``problems``) when any loss is not finite (naming the step, the value
-and the worker's diagnosis, e.g. "fp16 overflow: activations became inf at step 3 in
-..."), when its loss does not clearly fall, or when it ends far above fp32's.
+The verdict (``judge_seeds``, one per precision over its seeds; ``harness.core.evidence``):
+- ``non-finite``: a loss of any seed was not finite (a hard failure, whatever the others);
+- the drop (at least ``min_drop``) and the ratio to fp32 (at most ``max_final_ratio``)
+  are each judged against the spread over the seeds: margin = distance of the median
+  from the limit, noise = max - min over the seeds. ``stable`` when every margin is on
+  the allowed side and larger than its noise (the interval median +- spread lies wholly
+  inside the limit), ``unstable`` when one is on the wrong side by more than its noise,
+  ``inconclusive`` otherwise: the interval straddles the limit, or fewer than
+  ``min_seeds`` seeds ran, so no spread was measured (one seed is always inconclusive);
+- ``error`` / ``oom`` / ... when no seed's cell trained.
+Each verdict names the weights it was measured on: random initialisation (the synthetic
+checkpoint) quantises differently from trained weights with outliers; ``--model PATH``
+with a local checkpoint measures real ones.
 """
 
 from __future__ import annotations
@@ -21,7 +35,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
+from harness.core import evidence as E
 from harness.core.fmt import markdown_table
+
+STABLE, UNSTABLE, INCONCLUSIVE, NONFINITE = "stable", "unstable", "inconclusive", "non-finite"
 
 
 @dataclass(frozen=True)
@@ -29,6 +46,7 @@ class Thresholds:
     window: int = 10  # steps averaged for the first / final loss
     min_drop: float = 0.15  # the loss must fall by at least 15% ("clearly falls")
     max_final_ratio: float = 1.25  # final loss at most 25% above fp32's
+    min_seeds: int = E.MIN_REPEATS  # fewer seeds measure no spread: no verdict
 
 
 @dataclass(frozen=True)
@@ -51,9 +69,12 @@ class StabilityResult:
     loss_scaling: bool | None = None
     diagnosis: str | None = None
     problems: list[str] = field(default_factory=list)
+    seed: int | None = None
+    weights: str = E.RANDOM_WEIGHTS
 
     @property
     def verdict(self) -> str:
+        """This run alone against the fixed limits: evidence for ``judge_seeds``, not the verdict."""
         if self.status != "ok":
             return self.status
         if self.nonfinite_steps:
@@ -118,7 +139,8 @@ def judge(rec: dict[str, Any], reference: dict[str, Any] | None,
         max_abs_deviation=max_dev, max_deviation_step=max_dev_step, nonfinite_steps=nonfinite,
         first_nonfinite=(nonfinite[0], _fmt(losses[nonfinite[0]])) if nonfinite else None,
         scaler_skipped_steps=rec.get("scaler_skipped_steps"), loss_scaling=rec.get("loss_scaling"),
-        diagnosis=diag, problems=problems)
+        diagnosis=diag, problems=problems, seed=(rec.get("spec") or {}).get("seed"),
+        weights=E.weights_label(rec.get("spec")))
 
 
 def reference_key(rec: dict[str, Any]) -> tuple:
@@ -138,37 +160,147 @@ def judge_all(records: Iterable[dict[str, Any]], th: Thresholds = Thresholds()) 
     return out
 
 
+@dataclass(frozen=True)
+class SeedsVerdict:
+    """One precision's verdict over its seeds (see the module docstring)."""
+
+    key: str  # the first seed's cell id
+    model: str
+    precision: str
+    cell_ids: tuple[str, ...]
+    seeds: tuple[int | None, ...]
+    verdict: str
+    weights: str
+    drop: E.LimitCheck | None = None
+    ratio: E.LimitCheck | None = None
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def margin(self) -> str:
+        """The margins and the noise they were judged against, e.g. "final / fp32 1.247 (one
+        seed), limit 1.25: 0.003 inside, noise not measured (...) -> inconclusive"."""
+        parts = [c.text() for c in (self.ratio, self.drop) if c is not None] + list(self.reasons)
+        return "; ".join(parts) + f" -> {self.verdict}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "model": self.model, "precision": self.precision, "cell_ids": list(self.cell_ids),
+                "seeds": list(self.seeds), "verdict": self.verdict, "weights": self.weights,
+                "drop": None if self.drop is None else self.drop.to_dict(),
+                "ratio": None if self.ratio is None else self.ratio.to_dict(), "reasons": list(self.reasons),
+                "margin": self.margin}
+
+
+def _check_verdict(checks: list[E.LimitCheck]) -> str:
+    if any(c.decided and not c.inside for c in checks):
+        return UNSTABLE
+    return STABLE if checks and all(c.decided and c.inside for c in checks) else INCONCLUSIVE
+
+
+def judge_seeds(runs: list[StabilityResult], th: Thresholds = Thresholds()) -> SeedsVerdict:
+    """One precision's runs, one per seed (each judged against fp32 of its own seed)."""
+    first = runs[0]
+    ok = [r for r in runs if r.status == "ok"]
+    head = dict(key=first.cell_id, model=first.model, precision=first.precision,
+                cell_ids=tuple(r.cell_id for r in runs), seeds=tuple(r.seed for r in runs), weights=first.weights)
+    failed = tuple(f"{r.cell_id}: {r.status}" for r in runs if r.status != "ok")
+    if not ok:
+        return SeedsVerdict(verdict=first.status, reasons=failed, **head)
+    bad = [r for r in ok if r.nonfinite_steps]
+    if bad:  # a hard failure: no spread over the seeds makes a NaN acceptable
+        return SeedsVerdict(verdict=NONFINITE, reasons=tuple(f"{r.cell_id}: {'; '.join(r.problems)}" for r in bad),
+                            **head)
+    drops = [r.drop for r in ok if r.drop is not None]
+    drop = E.against_limit("drop", drops, th.min_drop, upper=False, min_repeats=th.min_seeds,
+                                                fmt="{:.1%}") if drops else None
+    ratio, reasons = None, list(failed)
+    if first.precision != "fp32":
+        ratios = [r.final_ratio for r in ok if r.final_ratio is not None]
+        if ratios:
+            ratio = E.against_limit("final / fp32", ratios, th.max_final_ratio, upper=True,
+                                     min_repeats=th.min_seeds, fmt="{:.3f}")
+        else:
+            reasons.append("no fp32 reference trained")
+    checks = [c for c in (drop, ratio) if c is not None]
+    verdict = _check_verdict(checks)
+    if first.precision != "fp32" and ratio is None:
+        verdict = UNSTABLE if verdict == UNSTABLE else INCONCLUSIVE
+    return SeedsVerdict(verdict=verdict, drop=drop, ratio=ratio, reasons=tuple(reasons), **head)
+
+
+def repeat_groups(results: Iterable[StabilityResult], records: Iterable[dict[str, Any]]) -> list[list[StabilityResult]]:
+    """Runs that repeat each other with another seed, in first-seen order."""
+    groups: dict[tuple, list[StabilityResult]] = {}
+    for res, rec in zip(results, records):
+        spec = rec.get("spec")
+        key = E.repeat_key(spec) if spec else (("cell_id", res.cell_id),)
+        groups.setdefault(key, []).append(res)
+    return list(groups.values())
+
+
+def judge_precisions(records: Iterable[dict[str, Any]], th: Thresholds = Thresholds()) -> list[SeedsVerdict]:
+    recs = list(records)
+    return [judge_seeds(g, th) for g in repeat_groups(judge_all(recs, th), recs)]
+
+
 def _cell(x: float | None, fmt: str = "{:.3f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
-def markdown(results: list[StabilityResult], th: Thresholds = Thresholds(), host: str = "") -> str:
-    head = ["model", "precision", "steps", "first loss", "final loss", "drop", "final / fp32",
-            "largest deviation (step)", "non-finite steps", "scaler skipped", "verdict"]
+def _runs_table(results: list[StabilityResult]) -> str:
+    head = ["model", "precision", "seed", "steps", "first loss", "final loss", "drop", "final / fp32",
+            "largest deviation (step)", "non-finite steps", "scaler skipped"]
     body = []
     for r in results:
-        body.append([r.model, r.precision, r.steps, _cell(r.first_loss), _cell(r.final_loss),
-                     _cell(r.drop, "{:.0%}"), _cell(r.final_ratio),
+        body.append([r.model, r.precision, "-" if r.seed is None else r.seed, r.steps, _cell(r.first_loss),
+                     _cell(r.final_loss), _cell(r.drop, "{:.0%}"), _cell(r.final_ratio),
                      f"{r.max_abs_deviation:.3f} ({r.max_deviation_step})" if r.max_abs_deviation is not None else "-",
                      f"{len(r.nonfinite_steps)} (first {r.first_nonfinite[0]}: {r.first_nonfinite[1]})"
                      if r.nonfinite_steps else "0",
-                     "-" if r.scaler_skipped_steps is None else r.scaler_skipped_steps, r.verdict])
+                     "-" if r.scaler_skipped_steps is None else r.scaler_skipped_steps])
+    return markdown_table(head, body)
+
+
+def _median_text(check: E.LimitCheck | None, fmt: str) -> str:
+    if check is None:
+        return "-"
+    lo, hi = min(check.values), max(check.values)
+    return fmt.format(check.mid) + (f" ({fmt.format(lo)}-{fmt.format(hi)})" if len(check.values) > 1 else "")
+
+
+def markdown(results: list[StabilityResult], verdicts: list[SeedsVerdict], th: Thresholds = Thresholds(),
+             host: str = "") -> str:
+    head = ["model", "precision", "weights", "seeds", "final / fp32 (range)", "drop (range)", "verdict",
+            "margin (difference vs noise)"]
+    body = [[v.model, v.precision, v.weights, len(v.seeds), _median_text(v.ratio, "{:.3f}"),
+             _median_text(v.drop, "{:.0%}"), v.verdict, v.margin.replace("|", "/")] for v in verdicts]
     out = [f"# Training stability{(' — ' + host) if host else ''}", "",
-           f"First / final loss: mean of the first / last {th.window} steps (fewer on short runs). A precision "
-           f"fails when a loss is not finite, when its loss falls less than {th.min_drop:.0%}, or when its final "
-           f"loss is more than {th.max_final_ratio}x fp32's.", "", markdown_table(head, body), ""]
-    notes = [f"- {r.cell_id}: " + "; ".join(r.problems) for r in results if r.problems]
+           f"Each precision is judged over its seeds, each seed against fp32 of the same seed. First / final loss: "
+           f"mean of the first / last {th.window} steps (fewer on short runs). A precision is **non-finite** when "
+           f"any seed's loss is not finite. Otherwise its drop (at least {th.min_drop:.0%}) and its final loss over "
+           f"fp32's (at most {th.max_final_ratio}x) are judged against the spread over the seeds (noise: max - min): "
+           f"**stable** when the median clears each limit by more than the noise, **unstable** when it misses one "
+           f"by more than the noise, **inconclusive** when the spread straddles a limit or fewer than "
+           f"{th.min_seeds} seeds ran (one seed measures no spread).", "", markdown_table(head, body), "",
+           "## Runs", "", _runs_table(results), ""]
+    # A non-finite verdict's reasons are its runs' problems, listed next: not twice.
+    notes = [f"- {v.key}: {v.verdict}: {v.margin}" for v in verdicts if v.verdict not in (STABLE, NONFINITE)]
+    notes += [f"- {r.cell_id}: " + "; ".join(r.problems) for r in results if r.problems]
     out += ["## Findings", ""] + (notes or ["None: every precision trained like fp32."])
     return "\n".join(out) + "\n"
 
 
 def report(records: Iterable[dict[str, Any]], th: Thresholds = Thresholds(), host: str = "") -> dict[str, Any]:
+    """The table's data: ``verdicts`` (one per precision over its seeds), ``rows`` (one per
+    run, ``verdict`` its precision's, ``run_verdict`` what the run alone shows) and the curves."""
     recs = list(records)
     results = judge_all(recs, th)
+    verdicts = [judge_seeds(g, th) for g in repeat_groups(results, recs)]
+    of = {cid: v for v in verdicts for cid in v.cell_ids}
     return {
         "host": host,
         "thresholds": asdict(th),
-        "rows": [dict(asdict(r), verdict=r.verdict) for r in results],
+        "verdicts": [v.to_dict() for v in verdicts],
+        "rows": [dict(asdict(r), verdict=of[r.cell_id].verdict, run_verdict=r.verdict) for r in results],
         "curves": {r.get("cell_id"): r.get("losses") for r in recs},
-        "markdown": markdown(results, th, host),
+        "markdown": markdown(results, verdicts, th, host),
     }
