@@ -209,11 +209,14 @@ def _turns(a, sides: dict[str, Side], cell_end: float | None, nvml: NvmlUtilLog,
 
 
 def _stop(sides: dict[str, Side], a) -> None:
-    """Tell every side still at its gate to stop; wait for its last word."""
+    """Tell every side still alive to stop (one still loading once it reaches its gate);
+    wait for its last word."""
     for side in sides.values():
-        if side.ended or not side.gate.connected or not side.alive():
+        if side.ended or not side.alive():
             continue
         try:
+            if not side.gate.connected:
+                _connect({side.name: side}, a.start_timeout)
             side.gate.send("stop")
             while side.gate.recv(a.step_timeout, side.alive).get("event") != "end":
                 pass
@@ -224,6 +227,8 @@ def _stop(sides: dict[str, Side], a) -> None:
 
 def _collect(side: Side, timeout_s: float) -> dict[str, Any]:
     """The side's own result: the bare loop's JSON or the harness record."""
+    if side.proc is None and side.thread is None:
+        return {"status": "error", "error": "not started"}
     if side.proc is not None:
         try:
             side.proc.wait(timeout=timeout_s)
