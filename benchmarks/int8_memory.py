@@ -238,6 +238,7 @@ def main(argv=None) -> int:
     cells, cfg, facts = cells_for(a, precisions, [a.grad_ckpt])
     runner = CellRunner(out, budget, a.cell_timeout)
     rows = []
+    interrupted = False
     try:
         runner.checkpoints(cfg)
         for p in precisions:
@@ -251,17 +252,20 @@ def main(argv=None) -> int:
                          "ctx_held_bytes": ev.get("ctx_held_activation_bytes_step0"),
                          "ctx_held_by_function": ev.get("ctx_held_by_function"),
                          "saved_activation_bytes": ev.get("saved_activation_bytes_step0")})
+    except KeyboardInterrupt:  # the job's hard stop: report what ran
+        interrupted = True
     finally:
         runner.close()
     gpu = facts.get("gpu_name") if facts.get("has_gpu") and a.device != "cpu" else None
-    host = f"{gpu or 'CPU'}; {a.model}, {a.seq_len} tokens, gc-{a.grad_ckpt}, {a.warmup_steps} warm-up step(s)"
-    data = {"host": host, "rows": rows, "elapsed_s": budget.elapsed(), "settings": vars(a)}
+    host = (f"{gpu or 'CPU'}; {a.model}, {a.seq_len} tokens, gc-{a.grad_ckpt}, {a.warmup_steps} warm-up step(s)"
+            + ("; interrupted" if interrupted else ""))
+    data = {"host": host, "rows": rows, "elapsed_s": budget.elapsed(), "interrupted": interrupted, "settings": vars(a)}
     md = "\n".join(["# Where the memory of a checkpointed LoRA step lives", "", f"Host: {host}.", ""]
                    + [line for r in rows for line in _cell_md(r)] + [f"Elapsed: {budget.elapsed():.0f} s."]) + "\n"
     write(out, "int8_memory", data, md)
     print(md)
     log(f"int8_memory: done after {budget.elapsed():.0f} s")
-    return 1 if any(r["status"] not in ("ok", "oom", "not run") for r in rows) else 0
+    return 1 if interrupted or any(r["status"] not in ("ok", "oom", "not run") for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Why not ``benchmarks/overhead.py``: there, bare and harness runs follow one anot
 on the H200 host the same cell's tokens/s spread 15-56% from one process to the next
 (the host CPU, which launches thousands of small kernels a step, wanders), so ratios of
 0.93 / 0.89 / 1.02 could not be told from noise. Here, per cell, three training
-processes are alive at once, each with its own model on the device:
+processes are alive at once, each with its own model on the device (bf16 gc-off at
+2048 tokens: ~35 GB each, three fit an H200; on an 80 GB card use ``--no-sampler-off``):
 
 - ``bare``: ``benchmarks/bare_lora.py --gate ...`` (a fresh interpreter);
 - ``harness``: the cell through the harness's normal path (a ``harness.run.sweep.Sweep``:
@@ -209,11 +210,14 @@ def _turns(a, sides: dict[str, Side], cell_end: float | None, nvml: NvmlUtilLog,
 
 
 def _stop(sides: dict[str, Side], a) -> None:
-    """Tell every side still at its gate to stop; wait for its last word."""
+    """Tell every side still alive to stop (one still loading once it reaches its gate);
+    wait for its last word."""
     for side in sides.values():
-        if side.ended or not side.gate.connected or not side.alive():
+        if side.ended or not side.alive():
             continue
         try:
+            if not side.gate.connected:
+                _connect({side.name: side}, a.start_timeout)
             side.gate.send("stop")
             while side.gate.recv(a.step_timeout, side.alive).get("event") != "end":
                 pass
@@ -224,6 +228,8 @@ def _stop(sides: dict[str, Side], a) -> None:
 
 def _collect(side: Side, timeout_s: float) -> dict[str, Any]:
     """The side's own result: the bare loop's JSON or the harness record."""
+    if side.proc is None and side.thread is None:
+        return {"status": "error", "error": "not started"}
     if side.proc is not None:
         try:
             side.proc.wait(timeout=timeout_s)
@@ -255,6 +261,8 @@ def run_one(a, cell, sweeps: dict[str, Sweep], checkpoint, out: Path, cell_end, 
     except GateError as exc:
         state["error"] = str(exc)
         print(f"[interleaved] {short_name(cell)}: {exc}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # the job's hard stop: stop the sides, keep what was measured
+        state["error"] = state["interrupted"] = "interrupted"
     finally:
         _stop(sides, a)
         results = {name: _collect(side, 600) for name, side in sides.items()}
@@ -265,8 +273,9 @@ def run_one(a, cell, sweeps: dict[str, Sweep], checkpoint, out: Path, cell_end, 
                for name in sides}
     nvml_busy = {name: nvml.busy(w) for name, w in windows.items()}
     nvml.close()
-    return analyse_cell(short_name(cell), cell.tokens_per_step, a, state, results,
-                        {n: s.busy for n, s in sides.items()}, nvml_busy)
+    out = analyse_cell(short_name(cell), cell.tokens_per_step, a, state, results,
+                       {n: s.busy for n, s in sides.items()}, nvml_busy)
+    return dict(out, interrupted=bool(state.get("interrupted")))
 
 
 def _sweeps(a, out: Path, cfg, facts, command: str) -> dict[str, Sweep]:
@@ -317,13 +326,18 @@ def main(argv=None) -> int:
                 cell_end = time.monotonic() + share - 5.0  # the stop and the records take a few seconds
             print(f"[interleaved] {short_name(cell)}: starting {', '.join(['bare', *sweeps])}", flush=True)
             cells.append(run_one(a, cell, sweeps, checkpoints.get(cell.model), out, cell_end, nvml_index))
+            if cells[-1]["interrupted"]:
+                break
+    except KeyboardInterrupt:
+        cells.append({"cell": "-", "skipped": "interrupted"})
     finally:
         for s in sweeps.values():
             s.close()
     env = sweeps["harness"].env or {}
     host = (f"{env.get('gpu_name') or 'CPU'}; torch {(env.get('packages') or {}).get('torch')}; {a.model}; "
             f"{a.warmup_steps} warm-up steps, up to {a.rounds} rounds of {a.steps_per_turn} steps per side, "
-            f"order {a.order}" + (f"; time limit {a.time_limit:g} s" if a.time_limit else ""))
+            f"order {a.order}" + (f"; time limit {a.time_limit:g} s" if a.time_limit else "")
+            + ("; interrupted" if any(c.get("interrupted") or c.get("skipped") == "interrupted" for c in cells) else ""))
     data = {"host": host, "elapsed_s": deadline.elapsed(), "settings": vars(a), "cells": cells,
             "env": {k: env.get(k) for k in ("hostname", "gpu_name", "worker_mode", "worker_start_s")}}
     md = markdown(data)

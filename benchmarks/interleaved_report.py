@@ -25,7 +25,8 @@ def alternation(reports: list[dict[str, Any]], rounds: list[dict[str, Any]]) -> 
     system-wide monotonic clock), and the round steps ran in the scheduled order."""
     by_time = sorted(reports, key=lambda r: r["t0"])
     overlaps = sum(1 for p, q in zip(by_time, by_time[1:]) if q["t0"] < p["t1"])
-    seen = [r["side"] for r in by_time if r.get("phase") == "round"]
+    done = {e["round"] for e in rounds}  # a round cut short (a failure, an interrupt) is not judged
+    seen = [r["side"] for r in by_time if r.get("phase") == "round" and r.get("round") in done]
     planned = [name for e in rounds for name in e["order"] for _ in e["times"].get(name, [])]
     return {"steps": len(by_time), "overlapping_steps": overlaps, "order_as_scheduled": seen == planned,
             "ok": overlaps == 0 and seen == planned}

@@ -186,6 +186,7 @@ def main(argv=None) -> int:
     cells, cfg, facts = cells_for(a, precisions, modes)
     runner = CellRunner(out, budget, a.cell_timeout)
     rows: list[dict[str, Any]] = []
+    interrupted = False
     try:
         runner.checkpoints(cfg)
         for precision in precisions:
@@ -198,18 +199,20 @@ def main(argv=None) -> int:
                 cell = cells[(precision, mode)].replace(tag=variant)
                 res = runner.run(TARGET, f"{precision}/{variant}", cell, cfg.worker_opts(), env=env)
                 rows.append(_row(precision, variant, res, a.seq_len))
+    except KeyboardInterrupt:  # the job's hard stop: report what ran
+        interrupted = True
     finally:
         runner.close()
     _loss_diffs(rows)
     gpu = facts.get("gpu_name") if facts.get("has_gpu") and a.device != "cpu" else None
     host = f"{gpu or 'CPU'}; {a.model}, {a.seq_len} tokens, {a.warmup_steps} warm-up + {a.steps} measured steps"
-    data = {"host": host, "rows": rows, "elapsed_s": budget.elapsed(), "time_limit": a.time_limit,
-            "settings": vars(a)}
+    data = {"host": host + ("; interrupted" if interrupted else ""), "rows": rows, "elapsed_s": budget.elapsed(),
+            "time_limit": a.time_limit, "interrupted": interrupted, "settings": vars(a)}
     md = markdown(data)
     write(out, "offload_memory", data, md)
     print(md)
     log(f"offload_memory: done after {budget.elapsed():.0f} s")
-    return 1 if any(r["status"] not in ("ok", "oom", "not run") for r in rows) else 0
+    return 1 if interrupted or any(r["status"] not in ("ok", "oom", "not run") for r in rows) else 0
 
 
 if __name__ == "__main__":

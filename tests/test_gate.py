@@ -168,3 +168,11 @@ def test_a_harness_cell_steps_at_the_gate_and_stops_when_told(tmp_path):
     assert rec["step_gate"]["profiled_steps"] == [2] and rec["step_gate"]["busy"]["busy_fraction"] is None
     assert all(p["t1"] <= q["t0"] for p, q in zip(reports, reports[1:]))
     assert rec["grad_ckpt_evidence"]["steps_observed"] == 3  # the proofs saw the steps that ran
+
+
+def test_a_side_waits_for_its_driver_only_so_long(tmp_path):
+    go, done = make_fifos(tmp_path, "late")
+    side = StepGate(go, done, connect_timeout_s=0.2)
+    t = time.monotonic()
+    assert side.wait_turn() == "stop" and side.closed
+    assert 0.15 < time.monotonic() - t < 5

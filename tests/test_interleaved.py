@@ -110,3 +110,16 @@ def test_the_time_limit_ends_the_rounds_and_the_profile_step_still_runs():
 def test_a_cell_the_time_limit_kept_from_starting_is_said_so():
     md = markdown({"host": "CPU", "elapsed_s": 3.0, "cells": [{"cell": "bf16/s64/gc-off", "skipped": "time limit"}]})
     assert "## bf16/s64/gc-off" in md and "Not run: time limit." in md
+
+
+def test_alternation_is_judged_on_whole_rounds():
+    from interleaved_report import alternation
+
+    def rep(side, t0, t1, rnd=None):
+        return {"side": side, "t0": t0, "t1": t1, "phase": "round" if rnd is not None else "warmup", "round": rnd}
+
+    rounds = [{"round": 0, "order": ["a", "b"], "times": {"a": [1], "b": [1]}}]
+    reports = [rep("a", 0, 1), rep("b", 1, 2), rep("a", 2, 3, 0), rep("b", 3, 4, 0), rep("b", 4, 5, 1)]  # round 1 cut short
+    assert alternation(reports, rounds) == {"steps": 5, "overlapping_steps": 0, "order_as_scheduled": True, "ok": True}
+    assert not alternation([rep("b", 2, 3, 0), rep("a", 3, 4, 0)], rounds)["order_as_scheduled"]
+    assert alternation([rep("a", 0, 2, 0), rep("b", 1, 3, 0)], rounds)["overlapping_steps"] == 1

@@ -10,8 +10,9 @@ per-round ratio is steady (``benchmarks/interleaved.py`` drives it,
 Protocol: two FIFOs per side, made by the driver (:func:`make_fifos`). The driver writes
 one command a line to ``<side>.go``; the side writes JSON lines to ``<side>.done``.
 
-- the side's first :meth:`StepGate.wait_turn` opens both FIFOs (blocking until the
-  driver has opened its ends) and says ``{"event": "ready"}``;
+- the side's first :meth:`StepGate.wait_turn` opens both FIFOs (waiting, up to
+  ``connect_timeout_s``, until the driver has opened its ends) and says
+  ``{"event": "ready"}``;
 - each later ``wait_turn`` first sends the report of the step just run
   (``{"event": "done", "step", "dt", "t0", "t1", "w0", "w1", ...}``: ``dt`` the step
   timer's figure, ``t0`` / ``t1`` ``time.monotonic()`` when the turn was granted and when
@@ -60,8 +61,9 @@ def make_fifos(folder: str | os.PathLike, name: str) -> tuple[str, str]:
 class StepGate:
     """The side's end of a gate."""
 
-    def __init__(self, go_path: str, done_path: str) -> None:
+    def __init__(self, go_path: str, done_path: str, connect_timeout_s: float = 3600.0) -> None:
         self.go_path, self.done_path = go_path, done_path
+        self.connect_timeout_s = connect_timeout_s
         self._rd = self._wr = None
         self._pending: dict[str, Any] | None = None
         self._turn = (0.0, 0.0)
@@ -82,9 +84,7 @@ class StepGate:
         if self.closed:
             return STOP
         if self._rd is None:
-            self._rd = open(self.go_path, "rb", buffering=0)  # blocks until the driver's end is open
-            self._wr = open(self.done_path, "wb", buffering=0)
-            ok = self._send({"event": "ready", "pid": os.getpid()})
+            ok = self._open() and self._send({"event": "ready", "pid": os.getpid()})
         else:
             ok = self._pending is None or self._send(self._pending)
             self._pending = None
@@ -95,6 +95,30 @@ class StepGate:
         self._turn = (time.monotonic(), time.time())
         self.waited_s += self._turn[0] - t
         return cmd
+
+    def _open(self) -> bool:
+        """Open both FIFOs once the driver has opened its ends; False (the gate closed)
+        if it has not within ``connect_timeout_s``, so a side never waits for a driver
+        that is gone."""
+        rfd = os.open(self.go_path, os.O_RDONLY | os.O_NONBLOCK)  # never blocks; makes this side the reader
+        deadline = time.monotonic() + self.connect_timeout_s
+        while True:
+            try:  # succeeds once the driver has opened both its ends (go's writer first)
+                wfd = os.open(self.done_path, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    os.close(rfd)
+                    raise
+            if time.monotonic() > deadline:
+                os.close(rfd)
+                self.closed = True
+                return False
+            time.sleep(0.01)
+        os.set_blocking(rfd, True)
+        os.set_blocking(wfd, True)
+        self._rd, self._wr = os.fdopen(rfd, "rb", buffering=0), os.fdopen(wfd, "wb", buffering=0)
+        return True
 
     def step_done(self, step: int, step_time: float, **extra: Any) -> None:
         """Keep the report of the step just run (sent at the next :meth:`wait_turn`)."""
