@@ -226,7 +226,7 @@ def run_checks(model: str, opts: dict[str, Any] | None = None) -> dict[str, Any]
     opts = opts or {}
     from harness.core.models import get_preset
     from harness.cell.build import ensure_checkpoint
-    from harness.cell.train import bf16_supported, pick_device
+    from harness.cell.setup import bf16_supported, pick_device
 
     device = pick_device(opts.get("device", "auto"))
     bf16 = bf16_supported(device)
