@@ -138,7 +138,7 @@ def _release_memory() -> None:
 
 
 def check_cases(path: str, *, device: str, bf16_supported: bool, work_dir: str) -> list[dict[str, Any]]:
-    """The loading-correctness cases of issue 4 on one checkpoint; each says ok and why."""
+    """The loading-correctness cases on one checkpoint; each says ok and why."""
     dtype16 = "bfloat16" if bf16_supported else "float16"
 
     def no_flags():
