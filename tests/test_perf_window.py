@@ -1,5 +1,6 @@
-"""Issue 7, pure parts: the adaptive window's rule, the window's spec and options, the
-phase clock and the parent's timers, the token sampler's vectorised form, spreads."""
+"""The harness's own performance, pure parts: the adaptive window's rule, the window's
+spec and options, the phase clock and the parent's timers, the token sampler's
+vectorised form, spreads."""
 
 import json
 
@@ -58,7 +59,7 @@ def test_window_spec_keeps_ids_and_old_records_load():
     assert adaptive.cell_id == fixed.cell_id == "llama-3.1-8b/nf4/s2048/gc-on"  # a measurement setting, like steps
     assert CellSpec.from_dict(adaptive.to_dict()) == adaptive
     old = fixed.to_dict()
-    del old["window"]  # a record written before issue 7
+    del old["window"]  # a record written before the adaptive window existed
     assert CellSpec.from_dict(old) == fixed and fixed.max_measured_steps == 5 and adaptive.max_measured_steps == 30
     with pytest.raises(SpecError, match="below the minimum"):
         fixed.replace(steps=10, window=WindowSpec(max_steps=5))
