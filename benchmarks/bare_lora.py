@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PRESETS = ROOT / "harness" / "models" / "presets"
+PRESETS = ROOT / "harness" / "core" / "model_presets"
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4", "nf4-dq")
 
 
