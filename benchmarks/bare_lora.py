@@ -1,7 +1,7 @@
 """A bare LoRA training loop: no harness worker, no trackers, no proofs, no records.
 
-The reference the harness's own overhead is measured against (issue 7,
-benchmarks/overhead.py). It does the work of a harness cell (``harness/cell/train.py``)
+The reference the harness's own overhead is measured against (benchmarks/overhead.py).
+It does the work of a harness cell (``harness/cell/setup.py`` and ``harness/cell/loop.py``)
 step for step, written out plainly:
 
 - the model: the preset's config (``harness/core/model_presets/<model>.json``) built with

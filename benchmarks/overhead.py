@@ -1,4 +1,4 @@
-"""The harness's own overhead (issue 7): the bare loop vs the harness, on the same cells.
+"""The harness's own overhead: the bare loop vs the harness, on the same cells.
 
 For each cell (default: the Llama-3.1-8B preset, bf16 at 2048 tokens with checkpointing
 off and on, nf4 at 2048 with checkpointing on) and each repetition, three runs:
@@ -111,9 +111,9 @@ def main(argv=None) -> int:
         checkpoints = {}
         for cell in cfg.cells:  # quantised cells load the synthetic checkpoint: both sides need it first
             if cell.resolved_load() == "pretrained" and cell.model not in checkpoints:
-                job = sweep.runner.run_job("harness.cell.build:ensure_checkpoint_job",
-                                           {"model": cell.model, "cache_dir": cfg.cache_dir, "device": cfg.device},
-                                           timeout_s=900, log_path=sweep.store.dir / "logs" / "checkpoint.log")
+                job = sweep.launcher.run_job("harness.cell.build:ensure_checkpoint_job",
+                                             {"model": cell.model, "cache_dir": cfg.cache_dir, "device": cfg.device},
+                                             timeout_s=900, log_path=sweep.store.dir / "logs" / "checkpoint.log")
                 if not job.result or job.result.get("status") != "ok":
                     raise SystemExit(f"could not write the synthetic checkpoint of {cell.model}: see "
                                      f"{sweep.store.dir / 'logs' / 'checkpoint.log'}")

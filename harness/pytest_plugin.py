@@ -80,14 +80,12 @@ class HarnessSession:
 
     def get_sweep(self):
         if self.sweep is None:
-            from harness.run.sweep import Sweep
-
             import sys
 
-            if self.cfg.gpus:  # issue 8: one worker server pinned to each GPU (harness.run.pool)
-                from harness.run.pool import ParallelSweep as Sweep  # noqa: F811
-            self.sweep = Sweep(self.cfg, self.facts, command="pytest " + " ".join(sys.argv[1:]), out=self._out,
-                               total=self.n_items or None)
+            from harness.run import open_sweep
+
+            self.sweep = open_sweep(self.cfg, self.facts, command="pytest " + " ".join(sys.argv[1:]), out=self._out,
+                                    total=self.n_items or None)
             try:
                 self.sweep.open_store()
             except StoreError as exc:
@@ -183,9 +181,9 @@ class HarnessSession:
             sweep = self.get_sweep()
             sweep.start()
             store = sweep.store
-            out = sweep.runner.run_job("harness.cell.loader_checks:run_checks",
-                                       {"model": model.name, "opts": self.cfg.worker_opts()},
-                                       timeout_s=self.cfg.cell_timeout_s, log_path=store.dir / "logs" / "loading.log")
+            out = sweep.launcher.run_job("harness.cell.loader_checks:run_checks",
+                                         {"model": model.name, "opts": self.cfg.worker_opts()},
+                                         timeout_s=self.cfg.cell_timeout_s, log_path=store.dir / "logs" / "loading.log")
             self.loading = out.result if out.result is not None else classify(out, self.cfg.cell_timeout_s)
             store.write_json("loading.json", self.loading)
         return self.loading

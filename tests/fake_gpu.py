@@ -19,20 +19,13 @@ harness.core.host.quick_facts = lambda: dict(H200)
 
 
 def _fake_run(self, cell):
-    self._index += 1
-    store = self.open_store()
     if cell.cell_id in self.done:  # --resume, as the real Sweep.run does
-        rec = dict(self.done[cell.cell_id], resumed=True)
-        self.records.append(rec)
-        self._progress(rec, resumed=True)
-        return rec
+        return self.commit(dict(self.done[cell.cell_id], resumed=True), resumed=True)
+    store = self.open_store()
     worker = {k: v for k, v in HOST.record(cell).items() if k not in ("cell_id", "spec")}
     rec = make_record(cell.to_dict(), cell.cell_id, store.run_id, worker,
                       {"wall_time_s": worker.pop("wall_time_s", 1.0), "fake": True})
-    store.append(rec)
-    self.records.append(rec)
-    self._progress(rec, elapsed=0.0)
-    return rec
+    return self.commit(rec, elapsed=0.0)
 
 
 harness.run.sweep.Sweep.run = _fake_run

@@ -67,7 +67,7 @@ def test_forgetting_train_mode_fails_the_checkpointing_proof(cache):
 
 def test_a_silently_quantised_16bit_cell_fails_the_precision_proof(cache, monkeypatch):
     """The seed's failure: 16-bit asked, 4-bit loaded by a wrapper. The layer count catches it."""
-    import harness.cell.train as wl
+    import harness.cell.setup as wl
     from harness.cell.precision import load_kwargs as real
 
     monkeypatch.setattr(wl, "load_kwargs", lambda precision, **kw: real("nf4", **kw))

@@ -1,5 +1,6 @@
-"""Issue 7, pure parts: the adaptive window's rule, the window's spec and options, the
-phase clock and the parent's timers, the token sampler's vectorised form, spreads."""
+"""The harness's own performance, pure parts: the adaptive window's rule, the window's
+spec and options, the phase clock and the parent's timers, the token sampler's
+vectorised form, spreads."""
 
 import json
 
@@ -58,7 +59,7 @@ def test_window_spec_keeps_ids_and_old_records_load():
     assert adaptive.cell_id == fixed.cell_id == "llama-3.1-8b/nf4/s2048/gc-on"  # a measurement setting, like steps
     assert CellSpec.from_dict(adaptive.to_dict()) == adaptive
     old = fixed.to_dict()
-    del old["window"]  # a record written before issue 7
+    del old["window"]  # a record written before the adaptive window existed
     assert CellSpec.from_dict(old) == fixed and fixed.max_measured_steps == 5 and adaptive.max_measured_steps == 30
     with pytest.raises(SpecError, match="below the minimum"):
         fixed.replace(steps=10, window=WindowSpec(max_steps=5))
@@ -101,14 +102,15 @@ def test_phase_clock_and_the_parents_timers():
         clock.begin(name, now=t)
     end = clock.begin(None, now=105.5)
     clock.move(0.25, "model_load", "checkpoint_write")
-    worker = dict(clock.fields(), _t_child_start=99.75, _t_cell_start=100.0, _t_body_end=end)
+    worker = dict(clock.fields(), _timeline={"child_start": 99.75, "cell_start": 100.0, "body_end": end})
     rec = attach_timers(worker, t_submit=99.5, t_exit=106.0, wall_s=6.5)
     assert rec["phase_spawn_s"] == 0.25 and rec["phase_imports_s"] == 0.75 and rec["phase_teardown_s"] == 0.5
     assert rec["phase_model_load_s"] == 1.25 and rec["phase_checkpoint_write_s"] == 0.25
     assert rec["fixed_cost_s"] == 6.5 - 0.75 - 2.0 and abs(rec["phase_unaccounted_s"]) < 1e-9
-    assert not any(k.startswith("_t_") for k in rec)
+    assert not any(k.startswith("_") for k in rec)
     # a job that is not a cell (or died) gets nothing invented
-    assert attach_timers({"status": "ok", "_t_child_start": 1.0}, t_submit=0.0, t_exit=2.0, wall_s=2.0) == {"status": "ok"}
+    assert attach_timers({"status": "ok", "_timeline": {"child_start": 1.0}}, t_submit=0.0, t_exit=2.0,
+                         wall_s=2.0) == {"status": "ok"}
 
 
 def test_fixed_cost_of_old_and_new_records():

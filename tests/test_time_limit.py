@@ -45,7 +45,7 @@ def test_a_sweep_past_its_limit_starts_nothing_but_replays_recorded_cells(tmp_pa
     recs = sweep.run_all()
     assert [r["cell_id"] for r in recs] == [done.cell_id] and recs[0]["resumed"]
     assert sweep.not_started == [cfg.cells[1].cell_id]
-    assert sweep.runner is None  # no worker was started for a cell that must not run
+    assert sweep.launcher is None  # no worker was started for a cell that must not run
 
 
 def _env():
@@ -75,10 +75,11 @@ def test_pytest_and_cli_skip_what_the_limit_keeps_from_starting(tmp_path):
 
 def test_the_gpu_pool_hands_out_no_cell_past_the_limit(tmp_path, monkeypatch):
     from harness.plan.gpus import FAKE_ENV
-    from harness.run.pool import ParallelSweep
+    from harness.run.executors import executor_for
 
     monkeypatch.setenv(FAKE_ENV, "2")
-    cfg, sweep, done = _past_limit(ParallelSweep, tmp_path, 1, lh_gpus="0,1")
+    cfg, sweep, done = _past_limit(lambda c, f, **kw: Sweep(c, f, executor=executor_for(c), **kw), tmp_path, 1,
+                                   lh_gpus="0,1")
     recs = sweep.run_all()
     assert [r["cell_id"] for r in recs] == [done.cell_id]
-    assert sweep.not_started == [cfg.cells[0].cell_id] and not sweep._runners  # no worker server started
+    assert sweep.not_started == [cfg.cells[0].cell_id] and not sweep.executor.lanes  # no worker server started

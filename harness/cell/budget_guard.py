@@ -103,6 +103,15 @@ class BudgetGuard:
                 f"({self.baseline_bytes / GIB:.2f} GiB) and the CUDA context ({self.context_bytes / GIB:.2f} GiB)")
         self._set_limit(limit)
 
+    # A tracker (harness.cell.trackers.Trackers): entering caps the allocator, ``finish``
+    # gives the verdict; the cap itself ends with the cell's process.
+    def __enter__(self) -> "BudgetGuard":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
     def after_step(self) -> None:
         """Measure memory held outside the allocator now; re-set the cap from it."""
         if self.context_bytes is None:

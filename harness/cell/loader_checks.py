@@ -138,7 +138,7 @@ def _release_memory() -> None:
 
 
 def check_cases(path: str, *, device: str, bf16_supported: bool, work_dir: str) -> list[dict[str, Any]]:
-    """The loading-correctness cases of issue 4 on one checkpoint; each says ok and why."""
+    """The loading-correctness cases on one checkpoint; each says ok and why."""
     dtype16 = "bfloat16" if bf16_supported else "float16"
 
     def no_flags():
@@ -226,7 +226,7 @@ def run_checks(model: str, opts: dict[str, Any] | None = None) -> dict[str, Any]
     opts = opts or {}
     from harness.core.models import get_preset
     from harness.cell.build import ensure_checkpoint
-    from harness.cell.train import bf16_supported, pick_device
+    from harness.cell.setup import bf16_supported, pick_device
 
     device = pick_device(opts.get("device", "auto"))
     bf16 = bf16_supported(device)

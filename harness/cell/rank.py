@@ -1,4 +1,4 @@
-"""One rank of a torchrun cell (issue 8; worker side, imports torch).
+"""One rank of a torchrun cell (worker side, imports torch).
 
     python -m torch.distributed.run --standalone --nproc-per-node N -m harness.cell.rank JOB.json
 
@@ -78,7 +78,8 @@ def _nvml_uuid(index: int) -> str | None:
 
 from harness.run.torchrun import rank_file  # noqa: E402 - after the environment defaults
 from harness.cell.server import write_atomic  # noqa: E402 - the fork server's result writer, stdlib only
-from harness.cell.train import CellHooks, Unsupported  # noqa: E402
+from harness.cell.hooks import CellHooks  # noqa: E402
+from harness.cell.setup import Unsupported  # noqa: E402
 
 
 class DistHooks(CellHooks):

@@ -29,6 +29,8 @@ import time
 import traceback
 from typing import Any
 
+from harness.core.phases import TIMELINE  # a pure module: no library import before the preload
+
 # torch.cuda.is_available() must not initialise CUDA in the server: with this set it asks
 # NVML instead, which is safe to fork after.
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
@@ -49,7 +51,7 @@ PRELOAD = (
     "transformers.models.llama.modeling_llama",
     "transformers.models.qwen2.modeling_qwen2",
     "transformers.models.mistral.modeling_mistral",
-    "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",  # issue 6: the VLM presets
+    "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",  # the VLM presets
     "harness.cell.train",
     "harness.core.host",
 )
@@ -78,7 +80,7 @@ def write_atomic(path: str, data: dict[str, Any]) -> None:
 
 def run_job_here(job: dict[str, Any]) -> int:
     """Run one job in this (fresh) process: the body of every cell's process."""
-    t_start = time.monotonic()  # issue 7: the process's start on the parent's clock (harness.core.phases)
+    t_start = time.monotonic()  # the process's start on the parent's clock (harness.core.phases.TIMELINE)
     import faulthandler
 
     for k, v in (job.get("env") or {}).items():
@@ -93,7 +95,7 @@ def run_job_here(job: dict[str, Any]) -> int:
     print(f"[worker {os.getpid()}] job {job.get('job_id')}: {job['target']}", flush=True)
     try:
         target = _resolve(job["target"])
-        # issue 7: move every object alive now (the libraries' ~450k objects, imported by the
+        # Move every object alive now (the libraries' ~450k objects, imported by the
         # server or just now in spawn mode) out of the collector's reach. Otherwise the first
         # full collection in a cell walks them all inside a timed step: +0.2-0.5 s once per
         # cell, the outlier step of the H200 reference run's gc-on cells. Objects the job
@@ -102,8 +104,8 @@ def run_job_here(job: dict[str, Any]) -> int:
         result = target(**(job.get("args") or {}))
         if not isinstance(result, dict):
             result = {"status": "error", "error": f"job returned {type(result).__name__}, not a dict"}
-        elif "_t_cell_start" in result:  # a cell: the parent turns this into phase_spawn_s
-            result["_t_child_start"] = t_start
+        elif TIMELINE in result:  # a cell: the launcher turns this into phase_spawn_s
+            result[TIMELINE]["child_start"] = t_start
             result["gc_frozen_objects"] = gc.get_freeze_count()
     except BaseException as exc:  # noqa: BLE001 - the runner classifies; never lose the reason
         from harness.core.record import is_oom_message

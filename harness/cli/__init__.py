@@ -9,7 +9,7 @@ pytest plugin uses. User errors end in one line on stderr and exit code 2.
     lora-harness compare BASE CUR  regression check against a baseline (harness.cli.report)
     lora-harness fit [options]     longest trainable context per VRAM budget (harness.cli.fit)
     lora-harness tables RUN_DIR    the compatibility and stability tables of a run folder
-    lora-harness agree RUN_A RUN_B do two runs of the same cells agree (issue 8; harness.cli.report)
+    lora-harness agree RUN_A RUN_B do two runs of the same cells agree (harness.cli.report)
     lora-harness sweep-cost RUN_DIR  fixed cost per cell and totals of a run (harness.cli.perf)
     lora-harness shards RUN_DIR...  do shard run folders (--shard K/N) form a complete sweep (harness.cli.shards)
 """
@@ -22,7 +22,7 @@ import sys
 from typing import Any, Sequence
 
 from harness.cli import report as cli_report
-from harness.cli import perf as perfcli  # issue 7
+from harness.cli import perf as perfcli
 from harness.cli import shards as cli_shards
 from harness.core import host as env_mod
 from harness.plan.options import OPTIONS, build_config
@@ -58,11 +58,10 @@ def parser() -> argparse.ArgumentParser:
                                                          "instead of collecting this host's")
     show = sub.add_parser("show", help="summary table of a run folder")
     show.add_argument("run_dir")
-    cli_report.add_commands(sub)  # issue 3: report, compare (each sets its handler)
-    cli_report.add_scale_commands(sub)  # issue 8: agree (serial vs parallel runs)
-    perfcli.add_commands(sub)  # issue 7: sweep-cost
+    cli_report.add_commands(sub)  # report, compare (each sets its handler)
+    cli_report.add_scale_commands(sub)  # agree (serial vs parallel runs)
+    perfcli.add_commands(sub)  # sweep-cost
     cli_shards.add_commands(sub)  # shards: is a set of shard run folders a complete sweep
-    # issue 5: fit
     fit = sub.add_parser("fit", help="longest trainable context per VRAM budget, by real cells under emulated budgets")
     _add_sweep_options(fit)
     fit.add_argument("--dry-run", action="store_true",
@@ -88,21 +87,19 @@ def cmd_cells(ns) -> int:
 
 
 def cmd_run(ns) -> int:
-    from harness.run.sweep import Sweep
+    from harness.run import open_sweep
 
     cfg, facts = _config(ns)
-    baseline = _baseline_check(cfg)  # issue 3: checked before anything runs
+    baseline = _baseline_check(cfg)  # checked before anything runs
     where = facts["gpu_name"] if facts["has_gpu"] and cfg.device != "cpu" else "CPU (no GPU found)" if not facts["has_gpu"] else "CPU (--device cpu)"
-    if cfg.gpus:  # issue 8: one worker server pinned to each GPU, cells in parallel
-        from harness.run.pool import ParallelSweep as Sweep  # noqa: F811
-
+    if cfg.gpus:  # one worker server pinned to each GPU, cells in parallel
         where = ", ".join(f"{g.label} ({g.name})" for g in cfg.gpus)
     if cfg.shard:  # the split decided this shard's cells; none is a success, not an error
         print(f"lora-harness: {cfg.shard.describe()}", flush=True)
         if not cfg.cells:
             return 0
     print(f"lora-harness: {len(cfg.cells)} cells, {cfg.matrix} matrix, on {where}", flush=True)
-    sweep = Sweep(cfg, facts, command="lora-harness " + " ".join(sys.argv[1:]))
+    sweep = open_sweep(cfg, facts, command="lora-harness " + " ".join(sys.argv[1:]))
     try:
         sweep.open_store()
         sweep.run_all()
@@ -122,7 +119,7 @@ def cmd_run(ns) -> int:
         print(f"{len(sweep.not_started)} cells not started: --time-limit {cfg.time_limit_s:g} s reached; "
               "rerun with --resume to continue")
         bad = bad or sweep.not_started
-    if baseline is not None and sweep.records:  # issue 3: compare with the baseline
+    if baseline is not None and sweep.records:  # compare with the baseline
         from harness.report.gate import check_sweep
 
         verdict = check_sweep(baseline, sweep.store.dir, [r["cell_id"] for r in sweep.records])
@@ -132,7 +129,7 @@ def cmd_run(ns) -> int:
 
 
 def _baseline_check(cfg):
-    """--baseline / --baseline-fail, loaded and parsed before anything runs (issue 3)."""
+    """--baseline / --baseline-fail, loaded and parsed before anything runs."""
     from harness.report import gate as regress
 
     try:
@@ -152,7 +149,7 @@ def cmd_env(ns) -> int:
     from harness.run.forkserver import ForkServerRunner, classify
     import tempfile
 
-    if getattr(ns, "from_run", None):  # issue 4: what a run recorded, without importing torch here
+    if getattr(ns, "from_run", None):  # what a run recorded, without importing torch here
         from pathlib import Path
 
         path = Path(ns.from_run) / "env.json"
@@ -206,14 +203,14 @@ def cmd_show(ns) -> int:
     if not recs:
         raise CliError(f"{d}/results.jsonl holds no records")
     print(format_table(SUMMARY_HEADERS, summary_rows(recs)))
-    from harness.report.cell_rate import describe  # issue 8: cells per hour
+    from harness.report.cell_rate import describe  # cells per hour
 
     for line in describe(d):
         print(line)
     return 0
 
 
-def cmd_fit(ns) -> int:  # issue 5: fit
+def cmd_fit(ns) -> int:
     from harness.cli.fit import FitUsageError, cmd_fit as run_fit
 
     try:
@@ -224,7 +221,7 @@ def cmd_fit(ns) -> int:  # issue 5: fit
 
 
 def cmd_tables(ns) -> int:
-    """issue 4: compat.md/.json and stability.md/.json from a run folder's records."""
+    """compat.md/.json and stability.md/.json from a run folder's records."""
     from pathlib import Path
 
     from harness.report.compat import write_suite_reports

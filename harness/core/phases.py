@@ -1,18 +1,5 @@
-"""The harness's own performance (issue 7): the adaptive measured window, the phase timers
-of a cell, and the figures derived from them. Pure module (no torch, no I/O).
-
-**Adaptive window** (``window_decision``). With ``M(i)`` the median of the first ``i``
-measured step times (the figure a record reports as ``step_time_s`` once ``i`` steps ran),
-after measured step ``n`` the window stops with the first rule that holds:
-
-1. ``stable``: ``n >= min_steps``, ``n > stable_steps`` and the medians
-   ``M(n - stable_steps), ..., M(n)`` all lie within ``stable_rel * M(n)`` of each other
-   (max minus min): the reported median has stopped moving;
-2. ``time_cap``: ``n >= min_steps`` and the measured steps took ``time_cap_s`` seconds
-   or more in all (warm-up excluded);
-3. ``max_steps``: ``n >= max_steps``.
-
-A window never stops before ``min_steps`` (the cell's ``steps``), whatever the cap says.
+"""The phase timers of a cell and the figures derived from them (the adaptive measured
+window is ``harness.core.window``). Pure module (no torch, no I/O).
 
 **Phase timers** (``PhaseClock`` in the worker, ``attach_timers`` in the parent). A cell's
 wall time is cut into consecutive phases on one clock (``time.monotonic``, which on Linux
@@ -24,6 +11,12 @@ is the same system-wide clock in the parent and in the worker):
 so the parts add up to ``wall_time_s`` (``phase_unaccounted_s`` is what is left, ~0).
 ``fixed_cost_s = wall_time_s - phase_warmup_s - phase_measured_s``. docs/results-schema.md
 says what each phase covers.
+
+The worker cannot see the ends of its own timeline (the parent sent the job and sees the
+process end), so it hands its absolute clock readings to the parent in one sub-dict of
+its result, ``result[TIMELINE]`` (see ``TIMELINE``); the launcher that ran the cell turns
+them into the spawn / imports / teardown phases and removes the sub-dict, so no record
+carries it.
 """
 
 from __future__ import annotations
@@ -31,6 +24,15 @@ from __future__ import annotations
 import statistics
 import time
 from typing import Any, Iterable
+
+
+# The worker's clock readings for the parent, a sub-dict of a cell's result
+# (``time.monotonic`` seconds):
+#   child_start: the job's first line in the new process (harness.cell.server),
+#   cell_start:  the entry of ``run_cell`` (the phase clock's start),
+#   body_end:    the cell's work done, before the trackers stop and the process exits.
+# A launcher consumes it (``attach_timers``); records never carry it.
+TIMELINE = "_timeline"
 
 
 def process_started_at() -> float:
@@ -43,6 +45,7 @@ def process_started_at() -> float:
     except Exception:  # noqa: BLE001 - the limit then counts from this call
         return time.monotonic()
 
+
 # Record fields of the phases, in timeline order (each in seconds).
 PHASES: tuple[str, ...] = ("spawn", "imports", "checkpoint_write", "device_init", "model_load", "lora_wrap",
                            "data_prep", "warmup", "measured", "verify", "teardown")
@@ -53,21 +56,33 @@ def phase_field(name: str) -> str:
     return f"phase_{name}_s"
 
 
-# -- the adaptive window ---------------------------------------------------------------
-
-
 # -- phase timers ----------------------------------------------------------------------
 
 class PhaseClock:
     """Consecutive phases of the worker's timeline: ``begin(name)`` closes the phase in
     progress (its time is added to its name; a name may recur) and opens ``name``;
-    ``begin(None)`` closes the last one."""
+    ``begin(None)`` closes the last one.
+
+    As a tracker of the cell (``harness.cell.trackers.Trackers``) it runs from its
+    creation to the end of the ``with`` block, however the block ends, and ``finish``
+    writes the phases and the ``TIMELINE`` readings into the result."""
 
     def __init__(self, first: str | None = None, start: float | None = None) -> None:
         self.start = time.monotonic() if start is None else start
         self.last = self.start
         self.current = first
         self.durations: dict[str, float] = {}
+        self.end: float | None = None
+
+    def __enter__(self) -> "PhaseClock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.end = self.begin(None)
+
+    def finish(self, out: dict[str, Any]) -> None:
+        out.setdefault(TIMELINE, {}).update(cell_start=self.start, body_end=self.end)
+        out.update(self.fields())
 
     def begin(self, name: str | None, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now
@@ -92,16 +107,15 @@ def attach_timers(worker: dict[str, Any], *, t_submit: float | None, t_exit: flo
                   wall_s: float | None) -> dict[str, Any]:
     """The parent's half of the timers, added to a cell's worker result (in place).
 
-    The worker leaves its absolute clock readings in ``_t_child_start`` (first line of the
-    job in the new process), ``_t_cell_start`` (entry of ``run_cell``) and ``_t_body_end``
-    (the cell's work done, before its own clean-up); they are removed here. The time from
-    the child's start to the cell's entry (resolving the job's target, importing it if the
-    server did not) is added to ``phase_imports_s``. Without them (a crash, a timeout, a
-    job that is not a cell) only what the parent knows is kept.
+    Takes the worker's ``TIMELINE`` sub-dict out of ``worker``. The time from the child's
+    start to the cell's entry (resolving the job's target, importing it if the server did
+    not) is added to ``phase_imports_s``. Without the readings (a crash, a timeout, a job
+    that is not a cell) only what the parent knows is kept.
     """
-    start = worker.pop("_t_child_start", None)
-    cell_start = worker.pop("_t_cell_start", None)
-    body_end = worker.pop("_t_body_end", None)
+    timeline = worker.pop(TIMELINE, None) or {}
+    start = timeline.get("child_start")
+    cell_start = timeline.get("cell_start")
+    body_end = timeline.get("body_end")
     if t_submit is None or t_exit is None or phase_field("measured") not in worker:
         return worker
     if start is not None:

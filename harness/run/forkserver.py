@@ -43,7 +43,7 @@ class JobOutcome:
     log_path: str
     pid: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    # issue 7: time.monotonic() when the job was sent and when its exit was seen
+    # time.monotonic() when the job was sent and when its exit was seen (the phase timers)
     t_submit: float | None = None
     t_exit: float | None = None
 
@@ -60,14 +60,13 @@ def _log_tail(path: str, n: int = 6) -> str:
 
 
 def classify(out: JobOutcome, timeout_s: float) -> dict[str, Any]:
-    """The worker half of a record for a job, however it ended."""
+    """The worker half of a record for a job, however it ended (a cell's clock readings
+    are left for its launcher: ``harness.run.launch.ForkLauncher``)."""
     if out.timed_out:
         return {"status": Status.TIMEOUT.value,
                 "error": f"killed after the cell's {timeout_s:g} s limit; log ends: {_log_tail(out.log_path, 3)}"}
     if out.result is not None:
-        from harness.core.phases import attach_timers  # issue 7: the parent's half of the phase timers
-
-        return attach_timers(dict(out.result), t_submit=out.t_submit, t_exit=out.t_exit, wall_s=out.wall_s)
+        return dict(out.result)
     if out.signal is not None:
         try:
             name = signal.Signals(out.signal).name

@@ -1,11 +1,12 @@
-"""Cells in parallel across GPUs (issue 8, ``--gpus``). Imports no torch.
+"""Cells in parallel across GPUs (``--gpus``): the ``GpuPool`` executor. Imports no torch.
 
 One worker server per GPU, started with that GPU pinned (``harness.plan.gpus.GpuSlot.pin_env``:
 ``CUDA_VISIBLE_DEVICES=<its UUID>``), so every cell it forks sees one device and its NVML
 sampler reads that device: memory and energy figures of one cell never include another
-cell's. A thread per GPU in the parent takes cells from one queue and runs each through
-the ordinary ``Sweep.run`` (capability rules, pruning, records, progress): the parent is
-the only writer of ``results.jsonl`` and never imports torch.
+cell's. Each GPU is a lane (``harness.run.launch.Lane``) with a thread in the parent that
+takes cells from one queue and puts each through the sweep's own steps (decide, launch on
+its lane, record: capability rules, pruning, records, progress): the parent is the only
+writer of ``results.jsonl`` and never imports torch.
 
 Order and pruning. A cell is handed out only when no shorter cell of its row (same
 model, precision, checkpointing mode, batch and settings; ``harness.plan.prune.row_key``) is
@@ -21,44 +22,30 @@ remaining cells. An interrupted sweep (Ctrl-C) kills the cells in flight and rec
 of them, so ``--resume`` runs them again.
 
 The pytest plugin uses the same pool: with ``--gpus`` it runs the session's selected
-cells through it before the first test, and each test then reports its cell's record
-(see ``harness.pytest_plugin.pytest_runtestloop`` and NOTES.md for why not pytest-xdist).
+cells through it before the first test (``Sweep.prerun``), and each test then reports its
+cell's record (see ``harness.pytest_plugin.pytest_runtestloop`` and NOTES.md for why not
+pytest-xdist). A cell run outside a pooled pass goes to the first GPU of the list.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from harness.plan.gpus import GpuSlot
-from harness.plan.options import SweepConfig
-from harness.plan.prune import row_key
 from harness.core.record import Status, make_record
-from harness.run.forkserver import ForkServerRunner, RunnerError
 from harness.core.spec import CellSpec
-from harness.core.store import RunStore
-from harness.run.sweep import Sweep
-from harness.core.fmt import fmt_duration, fmt_gib, fmt_rate, memory_of, status_text
+from harness.core.fmt import fmt_duration
+from harness.plan.gpus import GpuSlot
+from harness.plan.prune import row_key
+from harness.run.executors import Job
+from harness.run.forkserver import RunnerError
+from harness.run.launch import ForkLauncher, Lane
 
-# (cell, suite, attempt_unsupported): what Sweep.run takes
-Job = tuple[CellSpec, "str | None", bool]
-
-
-class _PoolStore(RunStore):
-    """The pooled sweep's run folder: once the sweep is interrupted, nothing more is
-    recorded (a cell killed by the interruption is not a result; --resume reruns it)."""
-
-    stopping: threading.Event | None = None
-
-    def append(self, record: dict[str, Any]) -> None:
-        if self.stopping is not None and self.stopping.is_set():
-            if not hasattr(self, "dropped"):
-                self.dropped: set[int] = set()
-            self.dropped.add(id(record))
-            return
-        super().append(record)
+if TYPE_CHECKING:
+    from harness.run.sweep import Sweep
 
 
 def ready_index(pending: Sequence[CellSpec], busy: Sequence[CellSpec], *, prune: bool,
@@ -84,229 +71,211 @@ def ready_index(pending: Sequence[CellSpec], busy: Sequence[CellSpec], *, prune:
     return None
 
 
-class ParallelSweep(Sweep):
-    """A sweep over several GPUs; with one GPU it is a serial sweep pinned to that GPU."""
+def pin_fields(worker: dict[str, Any], *, slot: GpuSlot, pool: list[int]) -> dict[str, Any]:
+    """The GPU a cell was pinned to, in its record (a lane's ``placement``). The worker's
+    own NVML reading (``gpu_index`` / ``gpu_uuid``, the device its sampler read) wins; a
+    cell that died before saying is given its slot's; a disagreement is flagged."""
+    fields: dict[str, Any] = {"gpu_pool": list(pool)}
+    if worker.get("pruned") or worker.get("predicted_unsupported"):
+        return fields  # never started: it ran on no GPU
+    measured = worker.get("gpu_index")
+    fields["gpu_index"] = measured if measured is not None else slot.index
+    fields["gpu_uuid"] = worker.get("gpu_uuid") or slot.uuid
+    if measured is not None and measured != slot.index:
+        fields["gpu_pin_mismatch"] = True
+    if worker.get("device") != "cuda" and not slot.fake:
+        fields["gpu_name"] = slot.name  # crash / timeout before the worker named its device
+    return fields
 
-    def __init__(self, config: SweepConfig, facts: dict[str, Any], *, command: str = "",
-                 out: Callable[[str], None] | None = None, total: int | None = None) -> None:
-        if not config.gpus:
-            raise ValueError("ParallelSweep needs config.gpus (harness.plan.gpus.parse_gpus)")
-        self.slots: tuple[GpuSlot, ...] = tuple(config.gpus)
-        self._tls = threading.local()
-        self._runners: dict[int, ForkServerRunner] = {}  # by position in self.slots
-        self._dead: set[int] = set()
-        self._lock = threading.RLock()
-        self._stopping = threading.Event()
-        self._prerun: dict[str, dict[str, Any]] = {}
-        self._finished = 0
-        self._pool_ran = 0
-        self._pool_ran_time = 0.0
+
+class _Queue:
+    """The jobs of one pass: handed out in ``ready_index`` order, one per free lane."""
+
+    def __init__(self, jobs: Sequence[Job], *, prune: bool, stopping: threading.Event) -> None:
+        self.pending: list[Job] = list(jobs)
+        self.busy: list[CellSpec] = []
+        self.results: dict[str, dict[str, Any]] = {}
+        self.prune, self.stopping = prune, stopping
+        self._keys: dict[str, Any] = {}
+        self._cond = threading.Condition()
+
+    def take(self) -> Job | None:
+        """The next job that may start, waiting for one; None when there is none left."""
+        with self._cond:
+            while True:
+                if self.stopping.is_set() or not self.pending:
+                    return None
+                i = ready_index([j[0] for j in self.pending], self.busy, prune=self.prune, keys=self._keys)
+                if i is not None:
+                    job = self.pending.pop(i)
+                    self.busy.append(job[0])
+                    return job
+                self._cond.wait()
+
+    def done(self, cell: CellSpec, rec: dict[str, Any] | None) -> None:
+        with self._cond:
+            if rec is not None:  # None: --time-limit kept it from starting
+                self.results[cell.cell_id] = rec
+            self.busy.remove(cell)
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
+class GpuPool:
+    """An executor over several GPUs; with one GPU it is a serial sweep pinned to that GPU."""
+
+    def __init__(self, slots: Sequence[GpuSlot]) -> None:
+        if not slots:
+            raise ValueError("GpuPool needs GPU slots (harness.plan.gpus.parse_gpus)")
+        self.slots: tuple[GpuSlot, ...] = tuple(slots)
+        self.lanes: dict[int, Lane] = {}  # started lanes, by position in self.slots
+        self.dead: set[int] = set()  # positions whose worker server is unusable
         self.worker_start_s: float | None = None
         self.throughput: dict[str, Any] | None = None
-        super().__init__(config, facts, command=command, out=out, total=total)
 
-    # The base class's single runner is the calling thread's GPU runner (a cell thread's
-    # own; GPU 1 of the list otherwise, e.g. env collection or a fit search under --gpus).
     @property
-    def runner(self) -> ForkServerRunner | None:  # type: ignore[override]
-        mine = getattr(self._tls, "runner", None)
-        return mine if mine is not None else self._runners.get(0)
+    def main(self) -> Lane | None:
+        """GPU 1 of the list: env collection, loader checks, cells run outside a pass."""
+        return self.lanes.get(0)
 
-    @runner.setter
-    def runner(self, value: ForkServerRunner | None) -> None:
-        if value is None:
-            self._runners.pop(0, None)
-        else:
-            self._runners[0] = value
+    @property
+    def live(self) -> int:
+        return max(1, len(self.slots) - len(self.dead))
 
-    def _slot(self) -> GpuSlot:
-        return getattr(self._tls, "slot", None) or self.slots[0]
+    def _lane(self, sweep: "Sweep", pos: int) -> Lane:
+        slot = self.slots[pos]
+        launcher = ForkLauncher(sweep.open_store().dir / "logs" / slot.label, env=slot.pin_env())
+        return Lane(launcher, label=slot.label,
+                    placement=functools.partial(pin_fields, slot=slot, pool=[s.index for s in self.slots]))
 
     # -- lifecycle -----------------------------------------------------------------
-    def open_store(self) -> RunStore:
-        if self.store is None:
-            store = _PoolStore.open(self.config.run_dir, resume=self.config.resume)
-            store.stopping = self._stopping
-            self.store = store
-            if self.config.resume:
-                self.done = store.latest_by_cell()
-        return self.store
-
-    def _new_runner(self, work_dir) -> ForkServerRunner:
-        slot = self.slots[0]
-        return ForkServerRunner(work_dir / slot.label, env=slot.pin_env())
-
-    def start(self) -> None:
-        if self._runners.get(0) is not None:
-            return
-        store = self.open_store()
+    def start(self, sweep: "Sweep") -> None:
+        """Every GPU's worker server, started side by side; the first one's through
+        ``sweep.open_run``. A server that does not start leaves its GPU out."""
         t0 = time.monotonic()
-        booted: dict[int, tuple[ForkServerRunner, dict[str, Any], float]] = {}
+        booted: dict[int, tuple[Lane, dict[str, Any], float]] = {}
         failed: dict[int, str] = {}
 
         def boot(pos: int) -> None:
-            slot = self.slots[pos]
-            r = ForkServerRunner(store.dir / "logs" / slot.label, env=slot.pin_env())
+            lane = self._lane(sweep, pos)
             t = time.monotonic()
             try:
-                ready = r.start()
+                ready = lane.launcher.start()
             except Exception as exc:  # noqa: BLE001 - reported, the other GPUs go on
                 failed[pos] = f"{type(exc).__name__}: {exc}"
                 return
-            booted[pos] = (r, ready, time.monotonic() - t)
+            booted[pos] = (lane, ready, time.monotonic() - t)
 
         threads = [threading.Thread(target=boot, args=(p,), name=f"boot-{self.slots[p].label}", daemon=True)
                    for p in range(1, len(self.slots))]
         for t in threads:
             t.start()
+        self.lanes[0] = self._lane(sweep, 0)
         try:
-            super().start()  # GPU 1 of the list: its server, env.json, run.json
+            sweep.open_run(self.lanes[0])  # GPU 1 of the list: its server, env.json, run.json
         except BaseException:
             for t in threads:
                 t.join()
-            for r, _, _ in booted.values():
-                r.close()
+            for lane, _, _ in booted.values():
+                lane.launcher.close()
             raise
         for t in threads:
             t.join()
         self.worker_start_s = time.monotonic() - t0
-        pool = [dict(self.slots[0].to_dict(), worker_mode=(self.env or {}).get("worker_mode"),
-                     preload_s=(self.env or {}).get("worker_preload_s"))]
+        self._add_booted(sweep, booted, failed)
+
+    def _add_booted(self, sweep: "Sweep", booted: dict[int, tuple[Lane, dict[str, Any], float]],
+                    failed: dict[int, str]) -> None:
+        env = sweep.env or {}
+        pool = [dict(self.slots[0].to_dict(), worker_mode=env.get("worker_mode"), preload_s=env.get("worker_preload_s"))]
         for pos in range(1, len(self.slots)):
             slot = self.slots[pos]
             if pos in booted:
-                r, ready, dt = booted[pos]
-                self._runners[pos] = r
-                self.out(f"lora-harness: worker server for {slot.label} ready in {dt:.1f} s "
-                         f"(cells start by {ready.get('mode')})")
+                lane, ready, dt = booted[pos]
+                self.lanes[pos] = lane
+                sweep.out(f"lora-harness: worker server for {slot.label} ready in {dt:.1f} s "
+                          f"(cells start by {ready.get('mode')})")
                 pool.append(dict(slot.to_dict(), worker_mode=ready.get("mode"), preload_s=ready.get("preload_s")))
             else:
-                self._dead.add(pos)
-                self.out(f"lora-harness: warning: {slot.label} left out: its worker server did not start "
-                         f"({failed.get(pos)})")
+                self.dead.add(pos)
+                sweep.out(f"lora-harness: warning: {slot.label} left out: its worker server did not start "
+                          f"({failed.get(pos)})")
                 pool.append(dict(slot.to_dict(), error=failed.get(pos)))
-        names = ", ".join(f"{s.label} ({s.name})" for p, s in enumerate(self.slots) if p not in self._dead)
-        self.out(f"lora-harness: {len(self.slots) - len(self._dead)} GPU(s), one cell at a time each: {names}")
-        if self.env is not None:
-            self.env["gpu_pool"] = pool
-            store.write_json("env.json", self.env)
+        names = ", ".join(f"{s.label} ({s.name})" for p, s in enumerate(self.slots) if p not in self.dead)
+        sweep.out(f"lora-harness: {len(self.slots) - len(self.dead)} GPU(s), one cell at a time each: {names}")
+        if sweep.env is not None:
+            sweep.env["gpu_pool"] = pool
+            sweep.open_store().write_json("env.json", sweep.env)
 
     def close(self) -> None:
-        runners = list(self._runners.values())
-        self._runners.clear()
-        for r in runners:
-            r.close()
+        lanes = list(self.lanes.values())
+        self.lanes.clear()
+        for lane in lanes:
+            lane.launcher.close()
 
     # -- cells ---------------------------------------------------------------------
-    def run(self, cell: CellSpec, *, suite: str | None = None, attempt_unsupported: bool = False) -> dict[str, Any]:
-        """A cell's record: from the pooled pass (pytest) when it ran there, else run now
-        on the first GPU of the list."""
-        rec = self._prerun.get(cell.cell_id)
-        if rec is not None:
-            return rec
-        return super().run(cell, suite=suite, attempt_unsupported=attempt_unsupported)
-
-    def run_all(self, cells=None) -> list[dict[str, Any]]:
-        self.run_jobs([(c, None, False) for c in (cells if cells is not None else self.config.cells)])
-        return self.records
-
-    def prerun(self, jobs: Sequence[Job]) -> dict[str, dict[str, Any]]:
-        """Run ``jobs`` over the pool now; later ``run`` calls for them return their
-        records. Returns the records by cell id."""
-        recs = {r["cell_id"]: r for r in self.run_jobs(jobs)}
-        self._prerun.update(recs)
-        return recs
-
-    def run_jobs(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
-        """Run every job over the GPUs; returns the records in job order (without the
-        cells --time-limit kept from starting: ``self.not_started``)."""
+    def run_jobs(self, sweep: "Sweep", jobs: Sequence[Job]) -> list[dict[str, Any]]:
+        """Every job over the GPUs, a thread per live GPU; the records in job order."""
         seen: set[str] = set()
         jobs = [j for j in jobs if not (j[0].cell_id in seen or seen.add(j[0].cell_id))]
         if not jobs:
             return []
-        if any(j[0].cell_id not in self.done for j in jobs) and not self.config.out_of_time(self.started_at):
-            self.start()
-        pending: list[Job] = list(jobs)
-        busy: list[CellSpec] = []
-        results: dict[str, dict[str, Any]] = {}
-        keys: dict[str, Any] = {}
-        cond = threading.Condition()
-        prune = self.config.prune
-
-        def take() -> Job | None:
-            with cond:
-                while True:
-                    if self._stopping.is_set() or not pending:
-                        return None
-                    i = ready_index([j[0] for j in pending], busy, prune=prune, keys=keys)
-                    if i is not None and self.out_of_time(pending[i][0]):
-                        pending.pop(i)  # --time-limit: not run, not recorded (--resume)
-                        continue
-                    if i is not None:
-                        job = pending.pop(i)
-                        busy.append(job[0])
-                        return job
-                    cond.wait()
-
-        def gpu_loop(pos: int) -> None:
-            self._tls.slot = self.slots[pos]
-            self._tls.runner = self._runners.get(pos)
-            while True:
-                job = take()
-                if job is None:
-                    return
-                cell, suite, attempt = job
-                try:
-                    rec = Sweep.run(self, cell, suite=suite, attempt_unsupported=attempt)
-                except Exception as exc:  # noqa: BLE001 - this GPU's server is unusable
-                    if self._stopping.is_set():
-                        return
-                    rec = self._server_failed(cell, exc)
-                    with cond:
-                        results[cell.cell_id] = rec
-                        busy.remove(cell)
-                        self._dead.add(pos)
-                        cond.notify_all()
-                    return
-                with cond:
-                    results[cell.cell_id] = rec
-                    busy.remove(cell)
-                    cond.notify_all()
-
-        live = [p for p in range(len(self.slots)) if p not in self._dead] if self._runners else [0]
+        if any(j[0].cell_id not in sweep.done for j in jobs) and not sweep.config.out_of_time(sweep.started_at):
+            sweep.start()
+        queue = _Queue(jobs, prune=sweep.config.prune, stopping=sweep.stopping)
+        # before any server started (every cell replayed or past --time-limit) one lane
+        # without a launcher hands the cells to the sweep's main lane
+        lanes = [self.lanes[p] for p in sorted(self.lanes) if p not in self.dead] or [None]
         t0 = time.monotonic()
-        interrupted: BaseException | None = None
-        with concurrent.futures.ThreadPoolExecutor(max_workers=len(live), thread_name_prefix="lora-gpu") as ex:
-            futures = [ex.submit(gpu_loop, p) for p in live]
+        self._run_lanes(sweep, queue, lanes)
+        wall = time.monotonic() - t0
+        if queue.pending:
+            raise RunnerError(f"no GPU's worker server is usable any more; {len(queue.pending)} cell(s) not run "
+                              f"(rerun with --resume)")
+        order = {j[0].cell_id: i for i, j in enumerate(jobs)}
+        sweep.records.sort(key=lambda r: order.get(r.get("cell_id"), len(order)))
+        out = [queue.results[j[0].cell_id] for j in jobs if j[0].cell_id in queue.results]
+        self._record_throughput(sweep, out, wall)
+        return out
+
+    def _run_lanes(self, sweep: "Sweep", queue: _Queue, lanes: list[Lane | None]) -> None:
+        """A thread per lane until the queue is empty. Ctrl-C: no cell is handed out any
+        more, the cells in flight are killed (their servers closed) and none is recorded."""
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(lanes), thread_name_prefix="lora-gpu") as ex:
+            futures = [ex.submit(self._lane_loop, sweep, queue, lane) for lane in lanes]
             try:
                 while not all(f.done() for f in futures):
                     concurrent.futures.wait(futures, timeout=0.5)
-            except BaseException as exc:  # Ctrl-C: stop handing out cells, kill those in flight
-                interrupted = exc
-                self._stopping.set()
-                with cond:
-                    cond.notify_all()
+            except BaseException:
+                sweep.stopping.set()
+                queue.wake()
                 self.close()
-        if interrupted is not None:
-            dropped = getattr(self.store, "dropped", set())
-            self.records = [r for r in self.records if id(r) not in dropped]
-            raise interrupted
+                raise
         for f in futures:
             f.result()  # a bug in the loop itself is not swallowed
-        wall = time.monotonic() - t0
-        if pending:
-            raise RunnerError(f"no GPU's worker server is usable any more; {len(pending)} cell(s) not run "
-                              f"(rerun with --resume)")
-        order = {j[0].cell_id: i for i, j in enumerate(jobs)}
-        self.records.sort(key=lambda r: order.get(r.get("cell_id"), len(order)))
-        out = [results[j[0].cell_id] for j in jobs if j[0].cell_id in results]  # --time-limit leaves some out
-        self._record_throughput(out, wall)
-        return out
 
-    def _server_failed(self, cell: CellSpec, exc: BaseException) -> dict[str, Any]:
-        slot = self._slot()
-        store = self.open_store()
-        env = self.env or {}
+    def _lane_loop(self, sweep: "Sweep", queue: _Queue, lane: Lane | None) -> None:
+        while (job := queue.take()) is not None:
+            cell, suite, attempt = job
+            try:
+                rec = sweep.step(cell, suite=suite, attempt_unsupported=attempt, lane=lane, check_time=True)
+            except Exception as exc:  # noqa: BLE001 - this GPU's server is unusable
+                if sweep.stopping.is_set():
+                    return
+                lane = lane or sweep.lane
+                pos = next((p for p, ln in self.lanes.items() if ln is lane), 0)
+                self.dead.add(pos)
+                queue.done(cell, self._server_failed(sweep, cell, lane, self.slots[pos], exc))
+                return
+            queue.done(cell, rec)
+
+    def _server_failed(self, sweep: "Sweep", cell: CellSpec, lane: Lane, slot: GpuSlot,
+                       exc: BaseException) -> dict[str, Any]:
+        """The record of a cell whose GPU's worker server failed under it: a crash."""
+        store, env = sweep.open_store(), sweep.env or {}
         worker = {"status": Status.CRASH.value,
                   "error": f"the worker server for {slot.label} failed ({type(exc).__name__}: {exc}); "
                            "its remaining cells go to the other GPUs"}
@@ -316,75 +285,23 @@ class ParallelSweep(Sweep):
                            "gpu_index": slot.index, "gpu_uuid": slot.uuid,
                            "gpu_pool": [s.index for s in self.slots],
                            "gpu_name": None if slot.fake else slot.name})
-        store.append(rec)
-        self.records.append(rec)
-        self._progress(rec, elapsed=0.0)
-        return rec
+        return sweep.commit(rec, lane=lane, elapsed=0.0)
 
-    def _pin_fields(self, worker: dict[str, Any]) -> dict[str, Any]:
-        """The GPU a cell was pinned to, in its record. The worker's own NVML reading
-        (``gpu_index`` / ``gpu_uuid``, the device its sampler read) wins; a cell that
-        died before saying is given its slot's; a disagreement is flagged."""
-        fields: dict[str, Any] = {"gpu_pool": [s.index for s in self.slots]}
-        if worker.get("pruned") or worker.get("predicted_unsupported"):
-            return fields  # never started: it ran on no GPU
-        slot = self._slot()
-        measured = worker.get("gpu_index")
-        fields["gpu_index"] = measured if measured is not None else slot.index
-        fields["gpu_uuid"] = worker.get("gpu_uuid") or slot.uuid
-        if measured is not None and measured != slot.index:
-            fields["gpu_pin_mismatch"] = True
-        if worker.get("device") != "cuda" and not slot.fake:
-            fields["gpu_name"] = slot.name  # crash / timeout before the worker named its device
-        return fields
-
-    def _record_throughput(self, records: list[dict[str, Any]], wall_s: float) -> None:
+    def _record_throughput(self, sweep: "Sweep", records: list[dict[str, Any]], wall_s: float) -> None:
         """Cells per hour of this pass, into run.json's latest invocation."""
         ran = [r for r in records if r.get("log") and not r.get("resumed")]
-        self.throughput = {
-            "gpus": [s.index for p, s in enumerate(self.slots) if p not in self._dead] or [self.slots[0].index],
+        self.throughput = t = {
+            "gpus": [s.index for p, s in enumerate(self.slots) if p not in self.dead] or [self.slots[0].index],
             "cells": len(records), "cells_run": len(ran), "cells_wall_s": round(wall_s, 3),
             "cells_per_hour": round(len(ran) * 3600.0 / wall_s, 2) if ran and wall_s > 0 else None,
             "worker_start_s": None if self.worker_start_s is None else round(self.worker_start_s, 3),
             "cell_time_s": round(sum(float(r.get("wall_time_s") or 0.0) for r in ran), 3),
         }
-        store = self.open_store()
+        store = sweep.open_store()
         meta = store.read_json("run.json") or {"run_id": store.run_id, "invocations": []}
         if meta.get("invocations"):
-            meta["invocations"][-1]["throughput"] = self.throughput
+            meta["invocations"][-1]["throughput"] = t
             store.write_json("run.json", meta)
-        t = self.throughput
         if t["cells_per_hour"]:
-            self.out(f"lora-harness: {t['cells_run']} cells in {fmt_duration(wall_s)} on {len(t['gpus'])} GPU(s): "
-                     f"{t['cells_per_hour']:,.0f} cells/hour")
-
-    def _progress(self, rec: dict[str, Any], *, resumed: bool = False, elapsed: float | None = None) -> None:
-        if self._stopping.is_set():
-            return
-        with self._lock:
-            self._finished += 1
-            ran = bool(rec.get("log")) and not resumed
-            if ran:
-                self._pool_ran += 1
-                self._pool_ran_time += float(rec.get("wall_time_s") or 0.0)
-            kind, mem = memory_of(rec)
-            total_elapsed = time.monotonic() - self._t0
-            live = max(1, len(self.slots) - len(self._dead))
-            remaining = max(0, self.total - self._finished)
-            eta = (self._pool_ran_time / self._pool_ran) * remaining / live if self._pool_ran else None
-            if self.total <= 0:
-                eta = None
-            pos = f"{self._finished}/{self.total}" if self.total > 0 else f"{self._finished}"
-            where = "" if resumed or not ran and rec.get("status") != Status.CRASH.value else f"{self._slot().label} "
-            what = "resumed" if resumed else fmt_duration(elapsed)
-            tps = fmt_rate(rec.get("tokens_per_s")) if rec.get("status") == "ok" else "-"
-            line = (f"[{pos}] {where}{rec['cell_id']}: {status_text(rec)}, peak {fmt_gib(mem)} {kind}, "
-                    f"{tps} tokens/s ({what}; elapsed {fmt_duration(total_elapsed)}, ETA {fmt_duration(eta)})")
-            if rec.get("status") not in ("ok", "oom") and rec.get("error"):
-                line += f"\n    {str(rec['error']).splitlines()[0][:300]}"
-            if rec.get("nonfinite_message"):
-                line += f"\n    {rec['nonfinite_message'][:300]}"
-            if rec.get("gpu_pin_mismatch"):
-                line += (f"\n    warning: pinned to {self._slot().label} but NVML read GPU {rec.get('gpu_index')}: "
-                         "memory figures of this cell may be another GPU's")
-            self.out(line)
+            sweep.out(f"lora-harness: {t['cells_run']} cells in {fmt_duration(wall_s)} on {len(t['gpus'])} GPU(s): "
+                      f"{t['cells_per_hour']:,.0f} cells/hour")

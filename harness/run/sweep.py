@@ -1,45 +1,107 @@
-"""A sweep: cells run one after another through the fork server, each record appended to
-the run folder the moment its cell ends. The pytest plugin and the CLI are both thin
-skins over this class. Imports no torch.
+"""A sweep: cells decided, launched and recorded into one run folder, each record appended
+the moment its cell ends. The pytest plugin and the CLI are thin skins over it (both open
+it with ``harness.run.open_sweep``). Imports no torch.
+
+A cell goes through three steps, each a method, so that any executor can drive them:
+
+1. ``decide``: replay its stored record (``--resume``), leave it for later
+   (``--time-limit``: not run, not recorded), record it unsupported without starting it
+   (the capability rules), record it pruned (a shorter cell of its row ran out of
+   memory), or launch it. -> ``Decision``
+2. ``launch``: run it through a launcher (``harness.run.launch``): torchrun when its
+   ``world_size`` is above 1, else the fork launcher of the lane it was given.
+   -> ``Launched``
+3. ``record``: the record (``make_record``, the sweep's extras, the lane's placement),
+   appended to results.jsonl; the progress line (``harness.run.progress``).
+
+How cells are spread over lanes, and in what order, is the executor's
+(``harness.run.executors``): one after another through one fork server, or over GPUs
+(``harness.run.pool``). The sweep is the only writer of the run folder.
 """
 
 from __future__ import annotations
 
+import enum
 import os
 import sys
+import threading
 import time
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
-from harness.plan import capability
-from harness.plan.options import SweepConfig
 from harness.core.phases import process_started_at
-from harness.plan.prune import pruned_by, pruned_record
 from harness.core.record import Status, make_record
-from harness.run.forkserver import ForkServerRunner, classify
 from harness.core.spec import CellSpec
 from harness.core.store import RunStore
-from harness.core.fmt import fmt_duration, fmt_gib, fmt_rate, memory_of, status_text
+from harness.plan import capability
+from harness.plan.options import SweepConfig
+from harness.plan.prune import pruned_by, pruned_record
+from harness.run.executors import Executor, Job, SerialExecutor
+from harness.run.forkserver import classify
+from harness.run.launch import Launched, Lane, Launcher
+from harness.run.progress import Progress
+
+
+class Verdict(str, enum.Enum):
+    RESUMED = "resumed"  # recorded by an earlier invocation: replayed
+    OUT_OF_TIME = "out_of_time"  # --time-limit reached: not started, not recorded
+    UNSUPPORTED = "unsupported"  # the capability rules say it cannot run here: recorded, not started
+    PRUNED = "pruned"  # a shorter cell of its row ran out of memory: recorded as oom, not started
+    LAUNCH = "launch"
+
+
+@dataclass
+class Decision:
+    """What ``Sweep.decide`` made of a cell."""
+
+    cell: CellSpec
+    verdict: Verdict
+    suite: str | None = None  # the suite the record belongs to (compat, stability)
+    prediction: capability.Prediction | None = None
+    worker: dict[str, Any] | None = None  # UNSUPPORTED / PRUNED: the worker half, no process started
+    record: dict[str, Any] | None = None  # RESUMED: the stored record
+    at: float = field(default_factory=time.monotonic)  # the cell's own time counts from here
 
 
 class Sweep:
     def __init__(self, config: SweepConfig, facts: dict[str, Any], *, command: str = "",
-                 out: Callable[[str], None] | None = None, total: int | None = None) -> None:
+                 out: Callable[[str], None] | None = None, total: int | None = None,
+                 executor: Executor | None = None) -> None:
         self.config = config
         self.facts = dict(facts, device_pref=config.device, use_gpu=bool(facts.get("has_gpu")) and config.device != "cpu")
         self.command = command or " ".join(sys.argv)
         self.out = out or (lambda s: print(s, flush=True))
-        self.total = total if total is not None else len(config.cells)
+        self.executor: Executor = executor or SerialExecutor()
+        self.progress = Progress(self.out, total if total is not None else len(config.cells))
         self.store: RunStore | None = None
-        self.runner: ForkServerRunner | None = None
         self.env: dict[str, Any] | None = None
         self.records: list[dict[str, Any]] = []
-        self.done: dict[str, dict[str, Any]] = {}
-        self._t0 = time.monotonic()
-        self._ran = 0
-        self._ran_time = 0.0
-        self._index = 0
+        self.done: dict[str, dict[str, Any]] = {}  # cell id -> record of an earlier invocation (--resume)
         self.started_at = process_started_at()  # what --time-limit counts from
         self.not_started: list[str] = []  # cells --time-limit kept from starting
+        self.stopping = threading.Event()  # set when interrupted: nothing more is recorded (--resume reruns it)
+        self._prerun: dict[str, dict[str, Any]] = {}  # cell id -> record of a pass run ahead (prerun)
+        self._lock = threading.RLock()
+        self._torchrun: Launcher | None = None
+
+    @property
+    def total(self) -> int:
+        """Cells this sweep expects (the progress line's denominator); <= 0: not known."""
+        return self.progress.total
+
+    @total.setter
+    def total(self, value: int) -> None:
+        self.progress.total = value
+
+    @property
+    def lane(self) -> Lane | None:
+        """The main lane: the host's fingerprint, the loading checks, single cells (``run``)."""
+        return self.executor.main
+
+    @property
+    def launcher(self) -> Launcher | None:
+        """The main lane's launcher, for jobs that are not cells; None until started."""
+        return self.lane.launcher if self.lane is not None else None
 
     # -- lifecycle -----------------------------------------------------------------
     def open_store(self) -> RunStore:
@@ -51,24 +113,30 @@ class Sweep:
         return self.store
 
     def start(self) -> None:
-        if self.runner is not None:
-            return
+        """Start the executor's launchers (once); the run folder gets env.json and run.json."""
+        if self.executor.main is None:
+            self.open_store()
+            self.executor.start(self)
+
+    def open_run(self, lane: Lane) -> None:
+        """Called by the executor with its main lane: start it, write env.json (this host's
+        fingerprint, collected through it) and add this invocation to run.json."""
         store = self.open_store()
-        self.runner = self._new_runner(store.dir / "logs")
         t0 = time.monotonic()
-        ready = self.runner.start()
-        server_s = time.monotonic() - t0  # issue 7: the sweep's fixed cost (env.json)
-        self.out(f"lora-harness: worker server ready in {time.monotonic() - t0:.1f} s "
+        ready = lane.launcher.start()
+        server_s = time.monotonic() - t0  # the sweep's fixed cost (env.json)
+        self.out(f"lora-harness: worker server ready in {server_s:.1f} s "
                  f"(libraries imported once in {ready.get('preload_s', 0):.1f} s; cells start by {ready.get('mode')})")
         for err in ready.get("preload_errors") or []:
             self.out(f"lora-harness: warning: could not preload {err}")
-        env_out = self.runner.run_job("harness.cell.env:collect", {}, timeout_s=300, log_path=store.dir / "logs" / "env.log")
+        env_out = lane.launcher.run_job("harness.cell.env:collect", {}, timeout_s=300,
+                                        log_path=store.dir / "logs" / "env.log")
         self.env = env_out.result or {"error": classify(env_out, 300).get("error")}
         self.env["worker_mode"] = ready.get("mode")
         self.env["worker_mode_reason"] = ready.get("why")
         self.env["worker_preload_s"] = ready.get("preload_s")
-        self.env["worker_start_s"] = server_s  # issue 7: server start, preload included
-        self.env["env_collect_s"] = env_out.wall_s  # issue 7
+        self.env["worker_start_s"] = server_s  # server start, preload included
+        self.env["env_collect_s"] = env_out.wall_s
         store.write_json("env.json", self.env)
         meta = store.read_json("run.json") or {}
         invocations = meta.get("invocations", [])
@@ -79,18 +147,8 @@ class Sweep:
         store.write_json("run.json", {"run_id": store.run_id, "invocations": invocations, **shard})
         self.out(f"lora-harness: run folder {store.dir}")
 
-    # issue 8: hooks harness.run.pool.ParallelSweep overrides (a worker server pinned to each
-    # GPU, the GPU in each record); the serial sweep is unchanged by them
-    def _new_runner(self, work_dir) -> ForkServerRunner:
-        return ForkServerRunner(work_dir)
-
-    def _pin_fields(self, worker: dict[str, Any]) -> dict[str, Any]:
-        return {}
-
     def close(self) -> None:
-        if self.runner is not None:
-            self.runner.close()
-            self.runner = None
+        self.executor.close()
 
     def __enter__(self) -> "Sweep":
         self.start()
@@ -99,111 +157,133 @@ class Sweep:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- cells ---------------------------------------------------------------------
-    def run(self, cell: CellSpec, *, suite: str | None = None, attempt_unsupported: bool = False) -> dict[str, Any]:
-        """Run one cell (or replay its stored record when resuming) and record it.
-
-        A cell the capability rules predict unsupported is recorded as such without being
-        started, unless ``attempt_unsupported`` (the compatibility suite): then it runs
-        anyway and the record holds both the prediction and what really happened.
-        ``suite`` names the suite the record belongs to (compat, stability).
-        """
-        self._index += 1
-        store = self.open_store()
+    # -- the three steps of a cell -------------------------------------------------
+    def decide(self, cell: CellSpec, *, suite: str | None = None, attempt_unsupported: bool = False,
+               check_time: bool = False) -> Decision:
+        """What to do with ``cell``. ``attempt_unsupported`` (the compatibility suite) runs a
+        cell the capability rules predict unsupported, and its record holds both the
+        prediction and what really happened. ``check_time``: a cell past --time-limit is
+        not started (callers that check the limit themselves leave it off)."""
         if cell.cell_id in self.done:
-            rec = dict(self.done[cell.cell_id], resumed=True)
-            self.records.append(rec)
-            self._progress(rec, resumed=True)
-            return rec
+            return Decision(cell, Verdict.RESUMED, suite, record=dict(self.done[cell.cell_id], resumed=True))
+        if check_time and self.out_of_time(cell):
+            return Decision(cell, Verdict.OUT_OF_TIME, suite)
         self.start()  # every run folder gets env.json, even if no cell can run here
         prediction = capability.verdict(cell, self.facts)
-        reason = prediction.reason
         cause = pruned_by(cell, self.records) if self.config.prune else None
-        t0 = time.monotonic()
-        if reason and not attempt_unsupported:
-            worker = {"status": Status.UNSUPPORTED.value, "error": reason, "predicted_unsupported": True}
-            extra: dict[str, Any] = {"wall_time_s": 0.0}
-        elif cause:
-            worker = pruned_record(cell, cause)
-            extra = {"wall_time_s": 0.0}
-        elif cell.world_size > 1:  # issue 8: torchrun cells, not through the fork server
-            worker, extra = self._run_dist(cell, store)
+        if prediction.reason and not attempt_unsupported:
+            worker = {"status": Status.UNSUPPORTED.value, "error": prediction.reason, "predicted_unsupported": True}
+            return Decision(cell, Verdict.UNSUPPORTED, suite, prediction, worker=worker)
+        if cause:
+            return Decision(cell, Verdict.PRUNED, suite, prediction, worker=pruned_record(cell, cause))
+        return Decision(cell, Verdict.LAUNCH, suite, prediction)
+
+    def launch(self, cell: CellSpec, launcher: Launcher) -> Launched:
+        """Run ``cell``: under torchrun when it spans several GPUs, else through ``launcher``."""
+        store = self.open_store()
+        if cell.world_size > 1:
+            launcher = self._torchrun_launcher()
+        return launcher.launch(cell, self.config.worker_opts(), timeout_s=self.config.cell_timeout_s,
+                               log_path=store.log_path(cell.cell_id))
+
+    def record(self, decision: Decision, launched: Launched | None = None, *, lane: Lane | None = None) -> dict[str, Any]:
+        """The cell's record, appended to results.jsonl and reported: from ``launched``
+        for a cell that ran (on ``lane``), from ``decision`` for one that did not."""
+        if decision.verdict is Verdict.RESUMED:
+            return self.commit(decision.record, resumed=True)
+        cell, store, env = decision.cell, self.open_store(), self.env or {}
+        if launched is None:
+            worker, extra = decision.worker or {}, {"wall_time_s": 0.0}
         else:
-            assert self.runner is not None
-            log = store.log_path(cell.cell_id)
-            outcome = self.runner.run_job("harness.cell.train:run_cell",
-                                          {"spec_dict": cell.to_dict(), "opts": self.config.worker_opts()},
-                                          timeout_s=self.config.cell_timeout_s, log_path=log)
-            worker = classify(outcome, self.config.cell_timeout_s)
-            extra = {"wall_time_s": outcome.wall_s, "log": os.path.relpath(log, store.dir),
-                     "exit_code": outcome.returncode, "exit_signal": outcome.signal}
-            self._ran += 1
-            self._ran_time += outcome.wall_s
-        env = self.env or {}
-        if cell.world_size > 1:  # issue 8: against this run's one-GPU cell
+            worker = launched.worker
+            extra = {"wall_time_s": launched.wall_time_s, "log": os.path.relpath(launched.log, store.dir),
+                     "exit_code": launched.exit_code, "exit_signal": launched.exit_signal}
+        if cell.world_size > 1:  # against this run's one-GPU cell
             from harness.run.torchrun import scaling_fields
 
             extra.update(scaling_fields(cell, worker, list(self.done.values()) + self.records))
-        extra["prediction"] = prediction.to_dict()
-        if suite:
-            extra["suite"] = suite
+        extra["prediction"] = decision.prediction.to_dict() if decision.prediction is not None else None
+        if decision.suite:
+            extra["suite"] = decision.suite
         extra.update({"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hostname": env.get("hostname"),
                       "gpu_name": worker.get("device_name") if worker.get("device") == "cuda" else env.get("gpu_name"),
                       "worker_mode": env.get("worker_mode")})
-        extra.update(self._pin_fields(worker))  # issue 8: which GPU (harness.run.pool)
+        if lane is not None:
+            extra.update(lane.placement(worker))
         rec = make_record(cell.to_dict(), cell.cell_id, store.run_id, worker, extra)
-        store.append(rec)
-        self.records.append(rec)
-        self._progress(rec, elapsed=time.monotonic() - t0)
+        return self.commit(rec, lane=lane, elapsed=time.monotonic() - decision.at)
+
+    def commit(self, rec: dict[str, Any], *, lane: Lane | None = None, elapsed: float | None = None,
+               resumed: bool = False) -> dict[str, Any]:
+        """Append ``rec`` (a replayed one is not stored again) and report it. Once the
+        sweep is stopping nothing is recorded: a cell killed by the interruption is not
+        a result, and --resume runs it again."""
+        with self._lock:
+            if self.stopping.is_set():
+                return rec
+            if not resumed:
+                self.open_store().append(rec)
+            self.records.append(rec)
+            self.progress.cell(rec, resumed=resumed, elapsed=elapsed, where=lane.label if lane else None,
+                               lanes=self.executor.live)
         return rec
 
-    def _run_dist(self, cell: CellSpec, store) -> tuple[dict[str, Any], dict[str, Any]]:
-        """issue 8: one torchrun cell (harness/run/torchrun.py); the worker half and the extras."""
-        from harness.run import torchrun as dist
+    def _torchrun_launcher(self) -> Launcher:
+        if self._torchrun is None:
+            from harness.run.torchrun import TorchrunLauncher
 
-        log = store.log_path(cell.cell_id)
-        out = dist.launch(cell, self.config.worker_opts(), timeout_s=self.config.cell_timeout_s, log_path=log,
-                          work_dir=store.dir / "logs")
-        self._ran += 1
-        self._ran_time += out.wall_s
-        return dist.merge_ranks(cell, out, self.config.cell_timeout_s), {
-            "wall_time_s": out.wall_s, "log": os.path.relpath(log, store.dir), "exit_code": out.returncode,
-            "exit_signal": out.signal}
+            self._torchrun = TorchrunLauncher(self.open_store().dir / "logs")
+        return self._torchrun
+
+    # -- cells ---------------------------------------------------------------------
+    def step(self, cell: CellSpec, *, suite: str | None = None, attempt_unsupported: bool = False,
+             lane: Lane | None = None, check_time: bool = False) -> dict[str, Any] | None:
+        """decide -> launch -> record for one cell on ``lane`` (the main lane by default);
+        None for a cell --time-limit kept from starting."""
+        d = self.decide(cell, suite=suite, attempt_unsupported=attempt_unsupported, check_time=check_time)
+        if d.verdict is Verdict.OUT_OF_TIME:
+            return None
+        if d.verdict is Verdict.RESUMED:
+            return self.record(d)
+        lane = lane or self.lane
+        launched = self.launch(cell, lane.launcher) if d.verdict is Verdict.LAUNCH else None
+        return self.record(d, launched, lane=lane)
+
+    def run(self, cell: CellSpec, *, suite: str | None = None, attempt_unsupported: bool = False) -> dict[str, Any]:
+        """Run one cell now on the main lane (or replay its record) and record it; a cell
+        run ahead by ``prerun`` returns that record. ``suite`` names the suite the record
+        belongs to; ``attempt_unsupported``: see ``decide``."""
+        rec = self._prerun.get(cell.cell_id)
+        if rec is not None:
+            return rec
+        rec = self.step(cell, suite=suite, attempt_unsupported=attempt_unsupported)
+        assert rec is not None  # without check_time every cell is recorded
+        return rec
+
+    def run_jobs(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
+        """Run ``(cell, suite, attempt_unsupported)`` jobs through the executor; the records
+        in job order, without the cells --time-limit kept from starting (``not_started``)."""
+        return self.executor.run_jobs(self, jobs)
+
+    def run_all(self, cells=None) -> list[dict[str, Any]]:
+        self.run_jobs([(c, None, False) for c in (cells if cells is not None else self.config.cells)])
+        return self.records
+
+    def prerun(self, jobs: Sequence[Job]) -> dict[str, dict[str, Any]]:
+        """Run ``jobs`` now; later ``run`` calls for them return their records. Returns the
+        records by cell id."""
+        recs = {r["cell_id"]: r for r in self.run_jobs(jobs)}
+        self._prerun.update(recs)
+        return recs
 
     def out_of_time(self, cell: CellSpec) -> bool:
         """--time-limit: whether ``cell`` must not start (a recorded cell replays anyway).
         Such a cell is not run and not recorded; ``--resume`` runs it later."""
         if cell.cell_id in self.done or not self.config.out_of_time(self.started_at):
             return False
-        if not self.not_started:
-            self.out(f"lora-harness: --time-limit {self.config.time_limit_s:g} s reached: no new cell starts; "
-                     "rerun with --resume to continue")
-        self.not_started.append(cell.cell_id)
+        with self._lock:
+            if not self.not_started:
+                self.out(f"lora-harness: --time-limit {self.config.time_limit_s:g} s reached: no new cell starts; "
+                         "rerun with --resume to continue")
+            self.not_started.append(cell.cell_id)
         return True
-
-    def run_all(self, cells=None) -> list[dict[str, Any]]:
-        for cell in cells if cells is not None else self.config.cells:
-            if self.out_of_time(cell):
-                continue
-            self.run(cell)
-        return self.records
-
-    def _progress(self, rec: dict[str, Any], *, resumed: bool = False, elapsed: float | None = None) -> None:
-        kind, mem = memory_of(rec)
-        total_elapsed = time.monotonic() - self._t0
-        remaining = max(0, self.total - self._index)
-        eta = (self._ran_time / self._ran) * remaining if self._ran else None
-        if self.total <= 0:  # issue 5: a search does not know its cell count in advance
-            eta = None
-        pos = f"{self._index}/{self.total}" if self.total > 0 else f"{self._index}"
-        what = "resumed" if resumed else f"{fmt_duration(elapsed)}"
-        tps = fmt_rate(rec.get("tokens_per_s")) if rec.get("status") == "ok" else "-"
-        line = (f"[{pos}] {rec['cell_id']}: {status_text(rec)}, peak {fmt_gib(mem)} {kind}, "
-                f"{tps} tokens/s ({what}; elapsed {fmt_duration(total_elapsed)}, ETA {fmt_duration(eta)})")
-        if rec.get("scaling_efficiency") is not None:  # issue 8
-            line += f"\n    scaling efficiency {rec['scaling_efficiency']:.0%} vs {rec['scaling_baseline_cell']}"
-        if rec.get("status") not in ("ok", "oom") and rec.get("error"):
-            line += f"\n    {str(rec['error']).splitlines()[0][:300]}"
-        if rec.get("nonfinite_message"):  # a NaN loss is never silent
-            line += f"\n    {rec['nonfinite_message'][:300]}"
-        self.out(line)

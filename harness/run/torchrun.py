@@ -1,5 +1,5 @@
-"""Parent side of torchrun cells (issue 8): launch, time limit, merge, scaling efficiency.
-Imports no torch.
+"""Parent side of torchrun cells: launch, time limit, merge, scaling efficiency. Imports
+no torch.
 
 A cell with ``world_size`` N > 1 does not go through the fork server. The parent runs
 
@@ -11,6 +11,7 @@ in its own session (process group), with the cell's time limit, ``NCCL_NVLS_ENAB
 the cell's log file. ``--standalone`` makes torchrun's rendezvous bind port 0: the OS
 picks a free port, so concurrent cells never collide. Each rank (``harness.cell.rank``)
 writes its own record; ``merge_ranks`` turns them into the cell's one record.
+``TorchrunLauncher`` is this as a launcher (``harness.run.launch``).
 
 On the time limit: SIGTERM to torchrun (it stops its ranks), then after a grace period
 SIGKILL to torchrun's group and to each rank's group (torchrun starts every rank in a
@@ -33,9 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from harness.core import flops as flops_mod
+from harness.core.host import import_root
+from harness.core.phases import TIMELINE
 from harness.core.record import Status
 from harness.core.spec import CellSpec
-from harness.core.host import import_root
+from harness.run.forkserver import JobOutcome
+from harness.run.launch import Launched
 
 # Lists, one entry per rank (None where a rank wrote no record), copied from each rank's record.
 PER_RANK_FIELDS: tuple[str, ...] = (
@@ -131,6 +135,34 @@ def launch(cell: CellSpec, opts: dict[str, Any], *, timeout_s: float, log_path: 
     os.remove(job_path)
     sig = -rc if rc is not None and rc < 0 else None
     return DistOutcome(results, None if sig else rc, sig, timed_out, wall, str(log_path), cmd)
+
+
+class TorchrunLauncher:
+    """Cells with ``world_size`` > 1, one torchrun each (see the module docstring);
+    nothing runs between cells, so ``start`` and ``close`` have nothing to do."""
+
+    def __init__(self, work_dir: str | os.PathLike, *, python: str | None = None) -> None:
+        self.work_dir = Path(work_dir)
+        self.python = python
+
+    def start(self) -> dict[str, Any]:
+        return {"mode": "torchrun"}
+
+    def launch(self, cell: CellSpec, opts: dict[str, Any], *, timeout_s: float,
+               log_path: str | os.PathLike) -> Launched:
+        out = launch(cell, opts, timeout_s=timeout_s, log_path=log_path, work_dir=self.work_dir, python=self.python)
+        worker = merge_ranks(cell, out, timeout_s)
+        # The ranks' clock readings are dropped: torchrun, not this launcher, started and
+        # ended their processes, so there is no spawn or teardown of the cell to time.
+        worker.pop(TIMELINE, None)
+        return Launched(worker, out.wall_s, str(log_path), out.returncode, out.signal)
+
+    def run_job(self, target: str, args: dict[str, Any], *, timeout_s: float,
+                log_path: str | os.PathLike) -> JobOutcome:
+        raise NotImplementedError("torchrun launches cells only; run other jobs through a ForkLauncher")
+
+    def close(self) -> None:
+        pass
 
 
 def _stop(proc: subprocess.Popen, prefix: str, world_size: int) -> None:

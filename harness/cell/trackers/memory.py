@@ -62,14 +62,14 @@ class MemorySampler:
     ``period_s`` defaults to 5 ms. Peaks shorter than the period can be missed by NVML;
     the torch allocator's peak (exact) is recorded beside it for that reason.
 
-    ``mode``: ``"thread"`` polls from a thread of this process; ``"process"`` (issue 7)
+    ``mode``: ``"thread"`` polls from a thread of this process; ``"process"``
     from a small process of its own (``harness.cell.trackers.sampler_proc``), so the training
     loop never waits for Python's lock while the sampler holds it. Both poll the same
     figures; if the process cannot start, the thread takes over (``sampler_mode`` in the
     results says which ran).
 
-    ``period_s=0`` turns sampling off (issue 7: the sampler's own cost is measured as
-    sampler on vs off): no thread runs, NVML is read once for the baseline (and for the
+    ``period_s=0`` turns sampling off (the sampler's own cost is measured as sampler on
+    vs off): no thread runs, NVML is read once for the baseline (and for the
     energy counter), and the results carry no NVML peak (``peak_vram_bytes`` null,
     ``memory_sampler: "off"``) so nothing claims a peak that was not sampled.
     """
@@ -78,8 +78,13 @@ class MemorySampler:
                  mode: str = "thread") -> None:
         self.period_s = period_s
         self.sampling = period_s > 0
-        self.mode = mode
+        self._mode_asked = mode
         self._nvml_index = nvml_index
+        self._reset(use_nvml)
+
+    def _reset(self, use_nvml: bool) -> None:
+        """Every reading back to nothing; with ``use_nvml``, NVML opened and the baseline read."""
+        self.mode = self._mode_asked
         self._proc_handle = None
         self.samples = 0
         self.nvml_error: str | None = None
@@ -94,7 +99,7 @@ class MemorySampler:
         self.energy_j: float | None = None
         self.energy_error: str | None = None
         self._proc = None
-        self.nvml_index: int | None = None  # issue 8: which physical GPU was read
+        self.nvml_index: int | None = None  # which physical GPU was read (under --gpus, the pinned one)
         self.gpu_uuid: str | None = None
         try:
             import psutil
@@ -108,12 +113,12 @@ class MemorySampler:
 
                 pynvml.nvmlInit()
                 self._nvml = pynvml
-                self._handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index)
+                self._handle = pynvml.nvmlDeviceGetHandleByIndex(self._nvml_index)
                 info = pynvml.nvmlDeviceGetMemoryInfo(self._handle)
                 self.baseline_vram_bytes = int(info.used)
                 self.peak_vram_bytes = int(info.used)
                 self.total_vram_bytes = int(info.total)
-                self.nvml_index = int(nvml_index)
+                self.nvml_index = int(self._nvml_index)
                 try:
                     uuid = pynvml.nvmlDeviceGetUUID(self._handle)
                     self.gpu_uuid = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
@@ -122,6 +127,23 @@ class MemorySampler:
             except Exception as exc:  # NVML missing (no driver) or refused
                 self.nvml_error = f"{type(exc).__name__}: {exc}"
                 self._handle = None
+
+    # A tracker (harness.cell.trackers.Trackers): samples while the block runs.
+    def __enter__(self) -> "MemorySampler":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def finish(self, out: dict[str, Any]) -> None:
+        out.update(self.results())
+
+    def drop_nvml(self) -> None:
+        """Start again without NVML (the cell runs on the CPU after all: the device's
+        memory is not this cell's)."""
+        self.stop()
+        self._reset(use_nvml=False)
+        self.start()
 
     @property
     def nvml_ok(self) -> bool:
@@ -266,6 +288,26 @@ class MemorySampler:
 def peak_rss_bytes() -> int:
     """The kernel's high-water mark of this process's resident memory (no sampling gaps)."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class AllocatorPeaks:
+    """The torch allocator's peaks of a CUDA cell, read when the cell ends (a tracker:
+    ``harness.cell.trackers.Trackers``; a failed reading leaves the fields out)."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+
+    def __enter__(self) -> "AllocatorPeaks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def finish(self, out: dict[str, Any]) -> None:
+        try:
+            out.update(torch_memory_stats(self.device))
+        except Exception:  # noqa: BLE001 - a broken CUDA context after a failure
+            pass
 
 
 def torch_memory_stats(device) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The memory sampler's polling loop in its own small process (issue 7).
+"""The memory sampler's polling loop in its own small process.
 
 ``MemorySampler(mode="process")`` starts ``python -m harness.cell.trackers.sampler_proc PID
 PERIOD_S NVML_INDEX``: it polls NVML's ``used`` memory of the device (device-wide, so any
