@@ -75,7 +75,7 @@ def test_pytest_and_cli_skip_what_the_limit_keeps_from_starting(tmp_path):
 
 def test_the_gpu_pool_hands_out_no_cell_past_the_limit(tmp_path, monkeypatch):
     from harness.plan.gpus import FAKE_ENV
-    from harness.run.executors import executor_for
+    from harness.run import executor_for
 
     monkeypatch.setenv(FAKE_ENV, "2")
     cfg, sweep, done = _past_limit(lambda c, f, **kw: Sweep(c, f, executor=executor_for(c), **kw), tmp_path, 1,

@@ -76,7 +76,7 @@ def _nvml_uuid(index: int) -> str | None:
         return None
 
 
-from harness.run.torchrun import rank_file  # noqa: E402 - after the environment defaults
+from harness.core.jobs import rank_file  # noqa: E402 - after the environment defaults
 from harness.cell.server import write_atomic  # noqa: E402 - the fork server's result writer, stdlib only
 from harness.cell.hooks import CellHooks  # noqa: E402
 from harness.cell.setup import Unsupported  # noqa: E402

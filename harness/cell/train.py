@@ -97,7 +97,7 @@ def _work(spec: CellSpec, opts: dict[str, Any], hooks: CellHooks, out: _Partial,
 
 def _finish(spec: CellSpec, out: _Partial) -> None:
     """Derived figures from whatever was measured (also for OOM / error records)."""
-    from harness.cell.trackers.timing import summarize
+    from harness.core.steps import summarize
 
     out.update(summarize(out.get("step_times_s") or [], spec.tokens_per_step))
     energy = out.energy_j

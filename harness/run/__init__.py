@@ -11,17 +11,23 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from harness.plan.options import SweepConfig
-    from harness.run.sweep import Sweep
+from typing import Any
 
 
-def open_sweep(config: "SweepConfig", facts: dict[str, Any], **kwargs: Any) -> "Sweep":
-    """A sweep with the executor the options ask for (``--gpus``: over those GPUs, else
-    serial). ``kwargs``: ``Sweep``'s (command, out, total)."""
-    from harness.run.executors import executor_for
+def open_sweep(config: Any, facts: dict[str, Any], **kwargs: Any) -> Any:
+    """A sweep (``harness.run.sweep.Sweep``) with the executor the options ask for:
+    ``--gpus``, over those GPUs; else serial. ``kwargs``: the sweep's (command, out, total)."""
     from harness.run.sweep import Sweep
 
     return Sweep(config, facts, executor=executor_for(config), **kwargs)
+
+
+def executor_for(config: Any) -> Any:
+    """The executor a sweep config (``harness.plan.options.SweepConfig``) asks for."""
+    if config.gpus:
+        from harness.run.pool import GpuPool
+
+        return GpuPool(config.gpus)
+    from harness.run.executors import SerialExecutor
+
+    return SerialExecutor()

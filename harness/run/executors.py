@@ -45,27 +45,35 @@ the driver as the only writer of the run folder:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 from harness.core.spec import CellSpec
 from harness.run.launch import ForkLauncher, Lane
 
-if TYPE_CHECKING:
-    from harness.plan.options import SweepConfig
-    from harness.run.sweep import Sweep
-
 # (cell, suite, attempt_unsupported): what Sweep.step takes
 Job = tuple[CellSpec, "str | None", bool]
+
+
+class Steps(Protocol):
+    """What an executor uses of a sweep (``harness.run.sweep.Sweep``): its run folder and
+    the steps of a cell. Executors never import the sweep; the sweep imports them."""
+
+    def open_store(self) -> Any: ...
+
+    def open_run(self, lane: Lane) -> None: ...
+
+    def step(self, cell: CellSpec, *, suite: str | None = None, attempt_unsupported: bool = False,
+             check_time: bool = False, lane: Lane | None = None) -> dict[str, Any] | None: ...
 
 
 class Executor(Protocol):
     main: Lane | None
     live: int
 
-    def start(self, sweep: "Sweep") -> None:
+    def start(self, sweep: Steps) -> None:
         """Start the lanes; hand the main one to ``sweep.open_run`` (env.json, run.json)."""
 
-    def run_jobs(self, sweep: "Sweep", jobs: Sequence[Job]) -> list[dict[str, Any]]:
+    def run_jobs(self, sweep: Steps, jobs: Sequence[Job]) -> list[dict[str, Any]]:
         """Decide, launch and record every job; the records in job order, without the
         cells --time-limit kept from starting."""
 
@@ -81,11 +89,11 @@ class SerialExecutor:
     def __init__(self) -> None:
         self.main: Lane | None = None
 
-    def start(self, sweep: "Sweep") -> None:
+    def start(self, sweep: Steps) -> None:
         self.main = Lane(ForkLauncher(sweep.open_store().dir / "logs"))
         sweep.open_run(self.main)
 
-    def run_jobs(self, sweep: "Sweep", jobs: Sequence[Job]) -> list[dict[str, Any]]:
+    def run_jobs(self, sweep: Steps, jobs: Sequence[Job]) -> list[dict[str, Any]]:
         records = []
         for cell, suite, attempt in jobs:
             rec = sweep.step(cell, suite=suite, attempt_unsupported=attempt, check_time=True)
@@ -97,12 +105,3 @@ class SerialExecutor:
         if self.main is not None:
             self.main.launcher.close()
             self.main = None
-
-
-def executor_for(config: "SweepConfig") -> Executor:
-    """The executor the options ask for: over the GPUs of ``--gpus``, else serial."""
-    if config.gpus:
-        from harness.run.pool import GpuPool
-
-        return GpuPool(config.gpus)
-    return SerialExecutor()

@@ -33,19 +33,16 @@ import concurrent.futures
 import functools
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from harness.core.record import Status, make_record
 from harness.core.spec import CellSpec
 from harness.core.fmt import fmt_duration
 from harness.plan.gpus import GpuSlot
 from harness.plan.prune import row_key
-from harness.run.executors import Job
+from harness.run.executors import Job, Steps
 from harness.run.forkserver import RunnerError
 from harness.run.launch import ForkLauncher, Lane
-
-if TYPE_CHECKING:
-    from harness.run.sweep import Sweep
 
 
 def ready_index(pending: Sequence[CellSpec], busy: Sequence[CellSpec], *, prune: bool,
@@ -145,14 +142,14 @@ class GpuPool:
     def live(self) -> int:
         return max(1, len(self.slots) - len(self.dead))
 
-    def _lane(self, sweep: "Sweep", pos: int) -> Lane:
+    def _lane(self, sweep: Steps, pos: int) -> Lane:
         slot = self.slots[pos]
         launcher = ForkLauncher(sweep.open_store().dir / "logs" / slot.label, env=slot.pin_env())
         return Lane(launcher, label=slot.label,
                     placement=functools.partial(pin_fields, slot=slot, pool=[s.index for s in self.slots]))
 
     # -- lifecycle -----------------------------------------------------------------
-    def start(self, sweep: "Sweep") -> None:
+    def start(self, sweep: Steps) -> None:
         """Every GPU's worker server, started side by side; the first one's through
         ``sweep.open_run``. A server that does not start leaves its GPU out."""
         t0 = time.monotonic()
@@ -187,7 +184,7 @@ class GpuPool:
         self.worker_start_s = time.monotonic() - t0
         self._add_booted(sweep, booted, failed)
 
-    def _add_booted(self, sweep: "Sweep", booted: dict[int, tuple[Lane, dict[str, Any], float]],
+    def _add_booted(self, sweep: Steps, booted: dict[int, tuple[Lane, dict[str, Any], float]],
                     failed: dict[int, str]) -> None:
         env = sweep.env or {}
         pool = [dict(self.slots[0].to_dict(), worker_mode=env.get("worker_mode"), preload_s=env.get("worker_preload_s"))]
@@ -217,7 +214,7 @@ class GpuPool:
             lane.launcher.close()
 
     # -- cells ---------------------------------------------------------------------
-    def run_jobs(self, sweep: "Sweep", jobs: Sequence[Job]) -> list[dict[str, Any]]:
+    def run_jobs(self, sweep: Steps, jobs: Sequence[Job]) -> list[dict[str, Any]]:
         """Every job over the GPUs, a thread per live GPU; the records in job order."""
         seen: set[str] = set()
         jobs = [j for j in jobs if not (j[0].cell_id in seen or seen.add(j[0].cell_id))]
@@ -241,7 +238,7 @@ class GpuPool:
         self._record_throughput(sweep, out, wall)
         return out
 
-    def _run_lanes(self, sweep: "Sweep", queue: _Queue, lanes: list[Lane | None]) -> None:
+    def _run_lanes(self, sweep: Steps, queue: _Queue, lanes: list[Lane | None]) -> None:
         """A thread per lane until the queue is empty. Ctrl-C: no cell is handed out any
         more, the cells in flight are killed (their servers closed) and none is recorded."""
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(lanes), thread_name_prefix="lora-gpu") as ex:
@@ -257,7 +254,7 @@ class GpuPool:
         for f in futures:
             f.result()  # a bug in the loop itself is not swallowed
 
-    def _lane_loop(self, sweep: "Sweep", queue: _Queue, lane: Lane | None) -> None:
+    def _lane_loop(self, sweep: Steps, queue: _Queue, lane: Lane | None) -> None:
         while (job := queue.take()) is not None:
             cell, suite, attempt = job
             try:
@@ -272,7 +269,7 @@ class GpuPool:
                 return
             queue.done(cell, rec)
 
-    def _server_failed(self, sweep: "Sweep", cell: CellSpec, lane: Lane, slot: GpuSlot,
+    def _server_failed(self, sweep: Steps, cell: CellSpec, lane: Lane, slot: GpuSlot,
                        exc: BaseException) -> dict[str, Any]:
         """The record of a cell whose GPU's worker server failed under it: a crash."""
         store, env = sweep.open_store(), sweep.env or {}
@@ -287,7 +284,7 @@ class GpuPool:
                            "gpu_name": None if slot.fake else slot.name})
         return sweep.commit(rec, lane=lane, elapsed=0.0)
 
-    def _record_throughput(self, sweep: "Sweep", records: list[dict[str, Any]], wall_s: float) -> None:
+    def _record_throughput(self, sweep: Steps, records: list[dict[str, Any]], wall_s: float) -> None:
         """Cells per hour of this pass, into run.json's latest invocation."""
         ran = [r for r in records if r.get("log") and not r.get("resumed")]
         self.throughput = t = {

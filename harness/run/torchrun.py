@@ -40,6 +40,7 @@ from harness.core.record import Status
 from harness.core.spec import CellSpec
 from harness.run.forkserver import JobOutcome
 from harness.run.launch import Launched
+from harness.core.jobs import rank_file
 
 # Lists, one entry per rank (None where a rank wrote no record), copied from each rank's record.
 PER_RANK_FIELDS: tuple[str, ...] = (
@@ -53,11 +54,6 @@ MAX_FIELDS: tuple[str, ...] = ("peak_vram_bytes", "peak_vram_over_baseline_bytes
                                "non_allocator_peak_bytes", "cuda_context_bytes")
 GRACE_S = 10.0
 _ids = itertools.count(1)
-
-
-def rank_file(prefix: str, rank: int, kind: str = "json") -> str:
-    """Where rank ``rank`` writes its record (``json``) or its pid (``pid``)."""
-    return f"{prefix}.rank{rank}.{kind}"
 
 
 @dataclass
@@ -324,7 +320,7 @@ def merge_ranks(cell: CellSpec, out: DistOutcome, timeout_s: float) -> dict[str,
 def _merge_timing(cell: CellSpec, res: dict[int, dict[str, Any]], merged: dict[str, Any]) -> None:
     """Step i of the cell takes as long as its slowest rank; the cell's tokens/s is every
     rank's tokens over that time."""
-    from harness.cell.trackers.timing import summarize
+    from harness.core.steps import summarize
 
     n = cell.world_size
     per = [res[r].get("step_times_s") or [] for r in range(n)]
