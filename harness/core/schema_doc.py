@@ -156,7 +156,7 @@ def _notes(f: schema.Field) -> str:
     if f.always:
         notes.append("every record")
     if f.metric:
-        notes.append("metric" + {"higher": " (higher is better)", "lower": " (lower is better)"}.get(f.better or "", ""))
+        notes.append(f"metric ({f.better} is better)" if f.better else "metric")
     if f.step_band:
         notes.append("per-step noise band")
     if f.per:

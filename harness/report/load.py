@@ -7,8 +7,9 @@ every record (the comparison pools retries), what each run folder says about its
 (``env.json``, ``run.json``) and the warnings met on the way.
 
 Bad input is a ``RunLoadError`` with a one-line message (missing folder, a folder that is
-not a run, no usable record) or a warning (a truncated last line, records of another
-schema version, an empty run next to usable ones) and the rest of the data.
+not a run, no usable record) or a warning (a truncated last line, records without a
+schema version or of a newer one, an empty run next to usable ones) and the rest of the
+data. Records are read as today's schema (``harness.core.schema.upgrade``).
 """
 
 from __future__ import annotations
