@@ -78,7 +78,7 @@ on, a cell longer than one of the same row that ran out of memory is recorded `o
 Throughput comes from the measured steps' own timer only: never warm-up, model build or
 teardown. The measured window is `spec.steps` steps, or with `spec.window` (the adaptive
 window, `--adaptive-steps`) it stops once the median step time is stable, at a time cap, or
-at its maximum (the rule: `harness/core/phases.py`).""",
+at its maximum (the rule: `harness/core/window.py`).""",
     "compute": "MFU = tokens/s x FLOPs per token / the device's dense datasheet peak.",
     "memory": """\
 The sampler polls NVML and the worker's RSS while the cell runs. Off (`--nvml-period-ms 0`),
