@@ -13,11 +13,14 @@ A suite asks for the ``lora_cell`` parameter and the ``lora_harness`` fixture::
 
 from __future__ import annotations
 
+import sys
+from collections import Counter
 from typing import Any
 
 import pytest
 
 from harness.core import host as env_mod
+from harness.core import schema
 from harness.plan.options import OPTIONS, SweepConfig, build_config
 from harness.core.record import outcome_for
 from harness.core.spec import CellSpec
@@ -26,11 +29,6 @@ from harness.core.store import StoreError
 from harness.core.fmt import SUMMARY_HEADERS, format_table, summary_rows
 
 _KEY = pytest.StashKey["HarnessSession"]() if hasattr(pytest, "StashKey") else None
-
-BENCHMARK_FIELDS = ("cell_id", "status", "error", "tokens_per_s", "step_time_s", "step_time_p90_s", "peak_vram_bytes",
-                    "peak_vram_over_baseline_bytes", "peak_rss_bytes", "torch_peak_allocated_bytes",
-                    "torch_peak_reserved_bytes", "mfu", "energy_per_token_j", "device_name",
-                    "wall_time_s", "gpu_index")  # issue 8: with --gpus the round times a lookup; the cell's own time
 
 
 class HarnessSession:
@@ -80,8 +78,6 @@ class HarnessSession:
 
     def get_sweep(self):
         if self.sweep is None:
-            import sys
-
             from harness.run import open_sweep
 
             self.sweep = open_sweep(self.cfg, self.facts, command="pytest " + " ".join(sys.argv[1:]), out=self._out,
@@ -100,8 +96,8 @@ class HarnessSession:
         if benchmark is None:
             return sweep.run(cell)
         rec = benchmark.pedantic(sweep.run, args=(cell,), rounds=1, iterations=1, warmup_rounds=0)
-        benchmark.extra_info.update({k: rec.get(k) for k in BENCHMARK_FIELDS})
-        benchmark.extra_info["run_dir"] = str(sweep.store.dir) if sweep.store else None
+        benchmark.extra_info.update({k: rec.get(k) for k in schema.bench_fields()},
+                                    run_dir=str(sweep.store.dir) if sweep.store else None)
         return rec
 
     @staticmethod
@@ -372,9 +368,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     tr = terminalreporter
     tr.section("lora-harness results")
     tr.write_line(format_table(SUMMARY_HEADERS, summary_rows(s.sweep.records)))
-    counts: dict[str, int] = {}
-    for r in s.sweep.records:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    counts = Counter(r["status"] for r in s.sweep.records)  # in order of first appearance
     tr.write_line("")
     tr.write_line(", ".join(f"{n} {st}" for st, n in counts.items())
                   + f" (OOM cells show as xfailed in pytest's counts{'; --fail-on-oom makes them fail' if not s.cfg.fail_on_oom else ''})")

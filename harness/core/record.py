@@ -2,16 +2,20 @@
 
 Pure module. ``Status`` is the one vocabulary of outcomes; ``outcome_for`` is the one
 place that maps a status to a test outcome, so a cell that did not run can never pass.
+The record's fields are declared in ``harness.core.schema``; ``RECORD_FIELDS`` (the ones
+every record carries) and ``upgrade`` (reading older records) come from there.
 """
 
 from __future__ import annotations
 
+import copy
 import enum
 import json
 from dataclasses import dataclass
 from typing import Any
 
-SCHEMA_VERSION = 1
+from harness.core import schema
+from harness.core.schema import SCHEMA_VERSION, upgrade  # noqa: F401 - the record's API
 
 
 class Status(str, enum.Enum):
@@ -26,17 +30,12 @@ class Status(str, enum.Enum):
         return self.value
 
 
-# Fields every record carries (the documented schema; see docs/results-schema.md).
-RECORD_FIELDS: tuple[str, ...] = (
-    "schema_version", "run_id", "cell_id", "status", "error",
-    "model", "precision", "seq_len", "batch_size", "grad_ckpt",
-    "step_time_s", "tokens_per_s", "peak_vram_bytes", "peak_rss_bytes",
-    "torch_peak_allocated_bytes", "torch_peak_reserved_bytes",
-    "loaded_layers", "grad_ckpt_evidence", "losses", "mfu",
-    # issue 6: vlm. What the seq_len tokens were, per sequence (text_tokens + image_tokens
-    # = seq_len; a text model's are all text).
-    "text_tokens", "image_tokens",
-)
+def __getattr__(name: str) -> Any:
+    # Read from the schema on each access, so a field declared later (a test's) counts.
+    if name == "RECORD_FIELDS":
+        return schema.record_fields()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _OOM_MARKERS = (
     "out of memory",
@@ -86,9 +85,9 @@ def outcome_for(record: dict[str, Any], *, fail_on_oom: bool = False) -> Outcome
 def make_record(spec_dict: dict[str, Any], cell_id: str, run_id: str, worker: dict[str, Any],
                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Assemble one results.jsonl record: the spec, then what the worker measured."""
-    rec: dict[str, Any] = {name: None for name in RECORD_FIELDS}
+    rec: dict[str, Any] = {f: copy.deepcopy(schema.get(f).default) for f in schema.record_fields()}
     rec.update({"schema_version": SCHEMA_VERSION, "run_id": run_id, "cell_id": cell_id})
-    for k in ("model", "precision", "seq_len", "batch_size", "grad_ckpt"):
+    for k in schema.axes():
         rec[k] = spec_dict.get(k)
     rec["spec"] = spec_dict
     rec.update(worker)

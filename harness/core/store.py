@@ -4,7 +4,8 @@ options), ``results.jsonl`` (one record per cell, appended as each cell ends) an
 
 An interrupted run loses at most the line being written; ``load_records`` reads
 everything before a truncated last line (with a warning) so a killed run still resumes
-and reports.
+and reports. Every record read is upgraded to today's schema (``harness.core.schema``),
+so resuming, reporting and the fit search see older records with today's defaults.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+from harness.core import schema
 from harness.core.record import dumps
 from harness.core.spec import safe_name
 
@@ -184,9 +186,13 @@ class RunLock:
         self.release()
 
 
-def iter_records(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+def iter_records(path: str | os.PathLike, *, upgrade: bool = True) -> Iterator[dict[str, Any]]:
+    """The records of a results file, each read as today's schema (``schema.upgrade``).
+    Records a newer harness wrote are kept as they are, with one warning naming the
+    file and their versions; ``upgrade=False`` yields the lines exactly as stored."""
     with open(path, "r", errors="replace") as f:
         lines = f.read().split("\n")
+    records = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -196,8 +202,14 @@ def iter_records(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
             warnings.warn(f"{path}: line {n} is not valid JSON (a run killed mid-write?); skipped", stacklevel=2)
             continue
         if isinstance(rec, dict):
-            yield rec
+            records.append(rec)
+    if upgrade:
+        newer = schema.newer_versions(records)
+        if newer:
+            warnings.warn(schema.newer_note(str(path), newer), stacklevel=2)
+        records = [schema.upgrade(r) for r in records]
+    yield from records
 
 
-def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    return list(iter_records(path))
+def load_records(path: str | os.PathLike, *, upgrade: bool = True) -> list[dict[str, Any]]:
+    return list(iter_records(path, upgrade=upgrade))

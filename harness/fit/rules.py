@@ -23,10 +23,12 @@ peaks speak for budgets it did not run under:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from harness.core.axes import is_quantised
+from harness.core.spec import LoraSpec
 from harness.core.budget import GIB, MIB, REMEASURED_SLACK_BYTES, allocator_limit_bytes, budget_label
 
 # An unconstrained NVML peak must sit this far under a budget to count as a fit there:
@@ -45,6 +47,7 @@ DEFAULT_START = 2048
 ROW_FIELDS = ("model", "model_path", "precision", "grad_ckpt", "batch_size", "lora", "optimizer",
               "attn_implementation", "stack", "compile")
 ROW_DEFAULTS = {"attn_implementation": "sdpa", "stack": "hf", "compile": False}
+_LORA_DEFAULTS = dataclasses.asdict(LoraSpec())
 
 
 def row_key(spec: dict[str, Any]) -> tuple:
@@ -55,7 +58,9 @@ def row_key(spec: dict[str, Any]) -> tuple:
     load = spec.get("load") or "auto"
     if load == "auto":
         load = "pretrained" if (quant or spec.get("model_path")) else "config"
-    lora = spec.get("lora") or {}
+    # Records are upgraded on reading (harness.core.schema.upgrade); a spec handed in
+    # directly may still predate a LoRA setting: it ran with that setting's default.
+    lora = {**_LORA_DEFAULTS, **(spec.get("lora") or {})}
     return tuple(str(spec.get(f)) if f != "lora" else tuple(sorted(lora.items())) for f in ROW_FIELDS) + (load,)
 
 

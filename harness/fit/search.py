@@ -73,6 +73,7 @@ def fit_settings(values: dict[str, Any], facts: dict[str, Any], *, need_device: 
 
 
 def load_prior(dirs: tuple[str, ...]) -> list[dict[str, Any]]:
+    """--prior: every record of those run folders, read as today's schema (load_records)."""
     out: list[dict[str, Any]] = []
     for d in dirs:
         out.extend(load_records(Path(d) / "results.jsonl"))
@@ -112,7 +113,7 @@ def probe_cell(row: CellSpec, seq_len: int, budget_bytes: int) -> CellSpec:
 def measure_with_reuse(sweep, cell: CellSpec) -> dict[str, Any]:
     """The cell's ok / oom record from the run folder if there is one (same spec), else run it."""
     want = cell.to_dict()
-    for rec in reversed(sweep.open_store().records()):
+    for rec in reversed(sweep.open_store().records()):  # upgraded: older specs carry today's defaults
         if rec.get("cell_id") == cell.cell_id and rec.get("spec") == want and rec.get("status") in ("ok", "oom"):
             rec = dict(rec, resumed=True)
             sweep.records.append(rec)

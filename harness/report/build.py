@@ -75,6 +75,9 @@ def page_blocks(rs: RunSet, charts: Sequence[tuple[Chart, dict[str, Path]]], out
                                  ("Training evidence", tables.training_table(cells))):
         blocks.append(Heading(title, 3))
         blocks.append(pages.table(heads, rows))
+    heads, rows = tables.more_metrics_table(cells)
+    if rows:
+        blocks += [Heading("More metrics", 3), pages.table(heads, rows)]
     heads, rows = tables.problems_table(cells)
     blocks.append(Heading("Cells that did not finish", 3))
     blocks.append(pages.table(heads, rows, "" if rows else "Every cell finished."))

@@ -23,19 +23,44 @@ import math
 import re
 import statistics
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from harness.report.load import NUMERIC_FIELDS
+from harness.core import schema
 from harness.report.units import as_float
 
 DEFAULT_THRESHOLDS: tuple[str, ...] = ("tokens_per_s:-5%", "peak_vram_bytes:+3%")
-# Numbers that describe a cell rather than measure it: never a metric.
-NOT_METRICS = frozenset({"seq_len", "batch_size", "schema_version", "record_index", "tokens_per_step", "attempts",
-                         "worker_pid", "exit_code", "exit_signal", "nvml_samples", "nvml_period_s", "seed"})
-KNOWN_METRICS = frozenset(set(NUMERIC_FIELDS) - NOT_METRICS | {"memory_bytes"})
-STEP_METRICS = ("step_time_s", "tokens_per_s", "mfu")
+# Columns of the report frame that are not record fields: the one derived metric, and
+# bookkeeping numbers that are never a metric. Record fields are judged by the schema.
+FRAME_METRICS = frozenset({"memory_bytes"})
+FRAME_NOT_METRICS = frozenset({"record_index", "tokens_per_step", "attempts", "seed"})
+
+
+def not_metrics() -> frozenset[str]:
+    """Numbers that describe a cell rather than measure it: never a metric."""
+    return frozenset(schema.non_metric_numbers()) | FRAME_NOT_METRICS
+
+
+def known_metrics() -> frozenset[str]:
+    return frozenset(schema.metric_fields()) | FRAME_METRICS
+
+
+def step_metrics() -> tuple[str, ...]:
+    """Metrics with one value per measured step: each record carries its own spread."""
+    return schema.step_metrics()
+
+
+_DERIVED = {"NOT_METRICS": not_metrics, "KNOWN_METRICS": known_metrics, "STEP_METRICS": step_metrics}
+
+
+def __getattr__(name: str) -> Any:
+    # Read from the schema on each access, so a field declared later (a test's) counts.
+    if name in _DERIVED:
+        return _DERIVED[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # Severity of an outcome: a rise is a regression, a fall an improvement.
 SEVERITY = {"ok": 0, "oom": 1, "unsupported": 1, "error": 2, "crash": 2, "timeout": 2}
 
@@ -84,9 +109,9 @@ def parse_thresholds(texts: Iterable[str]) -> tuple[Threshold, ...]:
 
 def metric_names(*frames: pd.DataFrame) -> set[str]:
     """Metrics a threshold may name: the schema's, plus numeric columns the runs hold."""
-    names = set(KNOWN_METRICS)
+    names, never = set(known_metrics()), not_metrics()
     for f in frames:
-        names |= {c for c in f.columns if pd.api.types.is_numeric_dtype(f[c]) and c not in NOT_METRICS}
+        names |= {c for c in f.columns if pd.api.types.is_numeric_dtype(f[c]) and c not in never}
     return names
 
 
@@ -155,7 +180,7 @@ class Comparison:
 def _per_step(rec: pd.Series, metric: str) -> list[float]:
     """One value per measured step for step-time metrics; [] for the rest."""
     steps = [t for t in (rec.get("step_times_s") or []) if t and t > 0]
-    if metric not in STEP_METRICS or len(steps) < 2:
+    if metric not in step_metrics() or len(steps) < 2:
         return []
     if metric == "step_time_s":
         return steps

@@ -7,8 +7,9 @@ every record (the comparison pools retries), what each run folder says about its
 (``env.json``, ``run.json``) and the warnings met on the way.
 
 Bad input is a ``RunLoadError`` with a one-line message (missing folder, a folder that is
-not a run, no usable record) or a warning (a truncated last line, records of another
-schema version, an empty run next to usable ones) and the rest of the data.
+not a run, no usable record) or a warning (a truncated last line, records without a
+schema version or of a newer one, an empty run next to usable ones) and the rest of the
+data. Records are read as today's schema (``harness.core.schema.upgrade``).
 """
 
 from __future__ import annotations
@@ -22,22 +23,22 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from harness.core import schema
 from harness.core.record import SCHEMA_VERSION
 from harness.core.store import StoreError, iter_records
 from harness.report.units import as_float
 
-# Columns that hold numbers (stored as numbers, or as "nan"/"inf" strings for
-# non-finite floats); coerced so that pandas sees floats and NaN, never strings.
-NUMERIC_FIELDS: tuple[str, ...] = (
-    "seq_len", "batch_size", "step_time_s", "tokens_per_s", "step_time_p90_s", "step_time_spread",
-    "peak_vram_bytes", "peak_vram_over_baseline_bytes", "baseline_vram_bytes", "peak_rss_bytes",
-    "peak_rss_sampled_bytes", "torch_peak_allocated_bytes", "torch_peak_reserved_bytes", "device_total_bytes",
-    "mfu", "energy_j", "energy_per_token_j", "flops_per_token", "peak_flops", "wall_time_s", "load_time_s",
-    "checkpoint_prepare_s", "trainable_params", "total_params", "nonfinite_losses", "scaler_skipped_steps",
-    "schema_version",
-)
-LIST_FIELDS: tuple[str, ...] = ("step_times_s", "warmup_step_times_s", "losses")
-AXES: tuple[str, ...] = ("model", "precision", "seq_len", "batch_size", "grad_ckpt")
+# The record's columns come from the schema (harness.core.schema): numbers (stored as
+# numbers, or as "nan"/"inf" strings for non-finite floats) are coerced so that pandas
+# sees floats and NaN, never strings; per-step lists hold floats; the axes sort and group.
+_SCHEMA_COLUMNS = {"NUMERIC_FIELDS": schema.numeric_fields, "LIST_FIELDS": schema.list_fields, "AXES": schema.axes}
+
+
+def __getattr__(name: str) -> Any:
+    # Read from the schema on each access, so a field declared later (a test's) counts.
+    if name in _SCHEMA_COLUMNS:
+        return _SCHEMA_COLUMNS[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class RunLoadError(StoreError):
@@ -103,21 +104,20 @@ def read_run(path: str | os.PathLike) -> tuple[RunInfo, list[dict[str, Any]], li
         except OSError as exc:
             raise RunLoadError(f"{results}: cannot read ({exc.strerror or exc})") from None
     notes += [str(w.message) for w in caught]
-    records, skipped, versions = [], 0, {}
+    records, skipped, unversioned = [], 0, 0
     for rec in raw:
         if not rec.get("cell_id") or not rec.get("status"):
             skipped += 1
             continue
-        v = rec.get("schema_version")
-        if v != SCHEMA_VERSION:
-            versions[v] = versions.get(v, 0) + 1
+        # Versioned records are upgraded on reading (iter_records; a newer version is
+        # flagged there); records from before versions were written may lack anything.
+        unversioned += schema.record_version(rec) == 0
         records.append(rec)
     if skipped:
         notes.append(f"{results}: {skipped} record(s) without a cell id or status skipped")
-    for v, n in versions.items():
-        what = "no schema version (older than 1)" if v is None else f"schema version {v}"
-        notes.append(f"{results}: {n} record(s) of {what}; this harness writes version {SCHEMA_VERSION}: "
-                     "fields they lack are shown as blank")
+    if unversioned:
+        notes.append(f"{results}: {unversioned} record(s) of no schema version (older than 1); this harness writes "
+                     f"version {SCHEMA_VERSION}: fields they lack are shown as blank")
     env = _read_json(folder / "env.json", notes)
     meta = _read_json(folder / "run.json", notes)
     commands = tuple(str(i.get("command")) for i in meta.get("invocations", []) if isinstance(i, dict) and i.get("command"))
@@ -188,7 +188,7 @@ def _row(rec: dict[str, Any], info: RunInfo, index: int) -> dict[str, Any]:
         row[k] = v
         if k == "grad_ckpt_evidence" and isinstance(v, dict):  # numeric evidence is comparable: flatten it
             row.update({f"{k}.{kk}": vv for kk, vv in v.items() if not isinstance(vv, (dict, list))})
-    for k in LIST_FIELDS:
+    for k in schema.list_fields():
         vals = rec.get(k)
         row[k] = [x for x in (as_float(v) for v in vals)] if isinstance(vals, list) else []
     row["run_dir"] = info.path
@@ -207,11 +207,15 @@ def _row(rec: dict[str, Any], info: RunInfo, index: int) -> dict[str, Any]:
 def records_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Rows -> a frame with the schema's columns always present and numbers as floats."""
     df = pd.DataFrame(rows)
-    for col in ("cell_id", "status", "error", *AXES, *NUMERIC_FIELDS, *LIST_FIELDS, "device_label", "gpu_name", "gpu_model",
-                "hostname", "timestamp", "memory_metric", "device"):
+    numeric = schema.numeric_fields()
+    missing: dict[str, Any] = {}
+    for col in ("cell_id", "status", "error", *schema.axes(), *numeric, *schema.list_fields(), "device_label",
+                "gpu_name", "gpu_model", "hostname", "timestamp", "memory_metric", "device"):
         if col not in df.columns:
-            df[col] = None
-    for col in NUMERIC_FIELDS + tuple(c for c in df.columns if c.startswith("grad_ckpt_evidence.")):
+            missing[col] = None
+    if missing:  # at once: one insert per column fragments the frame
+        df = pd.concat([df, pd.DataFrame(missing, index=df.index)], axis=1)
+    for col in numeric + tuple(c for c in df.columns if c.startswith("grad_ckpt_evidence.")):
         df[col] = pd.to_numeric(df[col].map(as_float), errors="coerce")
     df["schema_version"] = df["schema_version"].fillna(0)
     df["status"] = df["status"].astype(str)

@@ -1,8 +1,9 @@
 """The report's tables, as (headers, rows) of display strings. Pure module.
 
 Every metric a record holds appears in one of them: speed (tokens/s, step times, MFU,
-energy), memory (NVML, torch allocator, RSS), and training evidence (losses, loaded
-layers, checkpointing). Units are converted here, through ``harness.report.units``.
+energy), memory (NVML, torch allocator, RSS), training evidence (losses, loaded layers,
+checkpointing), and "more metrics": every field the schema gives a report column
+(``harness.core.schema``). Units are converted here, through ``harness.report.units``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from harness.core import schema
 from harness.report.units import as_float, fmt
 
 Table = tuple[list[str], list[list[str]]]
@@ -107,6 +109,19 @@ def training_table(cells: pd.DataFrame) -> Table:
                                      str(r.get("load_path") or "-")])
     return _heads(dev, "status", "loss first -> last", "non-finite losses", "loaded layers", "checkpointing evidence",
                   "load path"), rows
+
+
+def more_metrics_table(cells: pd.DataFrame) -> Table:
+    """The schema's fields that declare a report column (``Field.table`` in
+    harness.core.schema), those that any cell measured: a field declared there shows here
+    with no code of its own. No columns: no rows."""
+    fields = [f for f in schema.table_fields()
+              if f.name in cells.columns and cells[f.name].map(as_float).notna().any()]
+    if not fields:
+        return [], []
+    dev = cells["device_label"].nunique() > 1
+    rows = [_cell(r, dev) + [_status(r)] + [fmt(f.name, r.get(f.name)) for f in fields] for _, r in cells.iterrows()]
+    return _heads(dev, "status", *(f.table for f in fields)), rows
 
 
 def problems_table(cells: pd.DataFrame) -> Table:

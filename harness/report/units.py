@@ -2,7 +2,7 @@
 
 Records store bytes, seconds and joules (see docs/results-schema.md); this is the one
 place that turns them into GiB, tokens/s, milliseconds and percentages for people. A
-metric's unit follows from its name (the schema puts units in names).
+field's stored unit is the one ``harness.core.schema`` declares for it.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from harness.core import schema
 
 GIB = 1024 ** 3
 
@@ -51,20 +53,33 @@ def as_float(value: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
+# How each unit the schema declares is shown.
+_DISPLAY: dict[str, Unit] = {
+    "tokens/s": Unit(1.0, "tokens/s", 0),
+    "fraction": Unit(100.0, "%", 1),
+    "bytes": Unit(1.0 / GIB, "GiB", 2),
+    "J/token": Unit(1000.0, "mJ", 1),
+    "J": Unit(1.0, "J", 0),
+    "s/step": Unit(1000.0, "ms", 1),  # step times are tenths of a second to seconds: milliseconds read best
+    "s": Unit(1.0, "s", 1),
+}
+_PLAIN = Unit(1.0, "", 3)
+
+
 def unit_for(metric: str) -> Unit:
-    """The display unit of a metric, from the unit in its name."""
-    if metric == "tokens_per_s":
-        return Unit(1.0, "tokens/s", 0)
-    if metric in ("mfu",) or metric.endswith("_spread"):
-        return Unit(100.0, "%", 1)
+    """The display unit of a metric: from the unit the schema declares for it; for names
+    outside the record (env.json facts, report columns such as ``memory_bytes``), from
+    the unit at the end of the name."""
+    declared = schema.get(metric)
+    if declared is not None:
+        return _DISPLAY.get(declared.unit or "", _PLAIN)
     if metric.endswith("_bytes"):
-        return Unit(1.0 / GIB, "GiB", 2)
+        return _DISPLAY["bytes"]
     if metric.endswith("_j"):
-        return Unit(1000.0, "mJ", 1) if metric.endswith("per_token_j") else Unit(1.0, "J", 0)
+        return _DISPLAY["J/token"] if metric.endswith("per_token_j") else _DISPLAY["J"]
     if metric.endswith("_s"):
-        # step times are tenths of a second to seconds: milliseconds read best
-        return Unit(1000.0, "ms", 1) if metric.startswith("step_time") else Unit(1.0, "s", 1)
-    return Unit(1.0, "", 3)
+        return _DISPLAY["s/step"] if metric.startswith("step_time") else _DISPLAY["s"]
+    return _DISPLAY["fraction"] if metric.endswith("_spread") else _PLAIN
 
 
 def fmt(metric: str, value: Any) -> str:
