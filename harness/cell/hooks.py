@@ -18,6 +18,7 @@ from harness.core.spec import CellSpec
 class CellHooks:
     nvml_ordinal = 0  # the CUDA device (ordinal as this process sees it) NVML samples
     diagnose_nonfinite = True  # the diagnosis reruns the model: not under FSDP (collectives)
+    profile_busy = True  # one extra profiled step after the window (torchrun ranks skip it: collectives)
 
     def device(self, preference: str):
         return pick_device(preference)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
 from harness.cell.checkpointing import CheckpointProofError
 from harness.cell.setup import Prepared, log
-from harness.cell.trackers import Trackers
+from harness.cell.trackers import Trackers, host_load
 from harness.cell.trackers.gc_watch import GcWatch
 from harness.core import flops as flops_mod
 from harness.core.spec import CellSpec
@@ -77,9 +78,28 @@ def train(spec: CellSpec, p: Prepared, device, out: dict[str, Any], clock, hooks
                 break
         sync()
         sampler.energy_stop()
+        host_load.after_window(out, sampler.nvml_index if sampler.nvml_ok else None)
+        if getattr(hooks, "profile_busy", True) and device.type == "cuda":
+            measured = timer.times[spec.warmup_steps:]
+            out.update(host_load.profile_step(lambda: _unmeasured_step(p, batch), device,
+                                              statistics.median(measured) if measured else None))
         hooks.after_train(p.model, out)
     return Steps(times=timer.times, ran=i, window_rule=window.rule, skipped=step.skipped,
                  lora_params_with_grad=step.lora_params_with_grad, inputs_info=batches.info)
+
+
+def _unmeasured_step(p: Prepared, batch: dict[str, Any]) -> None:
+    """One more optimizer step outside the measured window and outside the checkpointing
+    evidence (its counters are put back: the proof covers the loop's steps only)."""
+    ev = p.evidence
+    saved = (ev.offloaded_tensors, ev.offloaded_bytes)
+    with p.autocast():
+        loss = p.step_model(**batch).loss
+    p.scaler.scale(loss).backward()
+    p.scaler.step(p.opt)
+    p.scaler.update()
+    p.opt.zero_grad(set_to_none=True)
+    ev.offloaded_tensors, ev.offloaded_bytes = saved
 
 
 class _Batches:

@@ -92,6 +92,7 @@ class DistHooks(CellHooks):
         self.opts = opts
         self.nvml_ordinal = local_rank
         self.diagnose_nonfinite = spec.parallel != "fsdp"  # a lone rank's rerun would wait on the others
+        self.profile_busy = False  # an extra step on some ranks only would leave the others waiting
         self.facts: dict[str, Any] = {"rank": rank, "local_rank": local_rank, "hostname": socket.gethostname(),
                                       "pid": os.getpid()}
         self.device_ = None

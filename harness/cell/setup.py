@@ -137,6 +137,9 @@ def open_device(spec: CellSpec, opts: dict[str, Any], hooks, out: dict[str, Any]
 
     from harness.cell.trackers.memory import AllocatorPeaks
 
+    from harness.cell.trackers import host_load
+
+    host_load.at_start(out)  # before anything of ours loads the host
     sampler = trackers.add(open_sampler(opts, hooks.nvml_ordinal, out))
     device = hooks.device(opts.get("device", "auto"))
     if device.type != "cuda" and sampler.nvml_ok:

@@ -237,7 +237,24 @@ def cmd_tables(ns) -> int:
     return 0
 
 
+def _clean_warnings() -> None:
+    """The harness's warnings (damaged input, records of a newer harness) as one clean
+    line each, never Python's two-line form; other libraries' as they come."""
+    import warnings
+
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, UserWarning) and category.__module__ == "builtins":
+            print(f"lora-harness: warning: {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _clean_warnings()
     ns = parser().parse_args(argv)
     try:
         handler = getattr(ns, "handler", None) or {"run": cmd_run, "cells": cmd_cells, "env": cmd_env,

@@ -35,13 +35,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     rep.add_argument("--out", help="folder for the report (default: the run folder; required for several runs)")
     cmp = sub.add_parser("compare", help="compare a run with a baseline; exit 1 on regression",
                          description="Compare CURRENT with BASELINE (several baseline folders pool their "
-                                     "measurements). Exit 0: no regression, 1: regression, 2: unusable input.")
+                                     "measurements). Exit 0: every check passed; 1: a regression (a metric past its "
+                                     "threshold, a worse status, a baseline cell or metric missing from CURRENT); "
+                                     "2: unusable input, or a threshold no cell could check; 3: no regression, but a "
+                                     "change inside an unstable cell (measured steps that disagree) cannot be told "
+                                     "from noise.")
     cmp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="BASELINE [BASELINE ...] CURRENT")
     cmp.add_argument("--fail", action="append", metavar="METRIC:+-N[%]",
                      help="regression threshold, repeatable or comma list: a sign says which way is worse, e.g. "
                           "tokens_per_s:-5%% peak_vram_bytes:+3%% mfu:-0.02 (default: tokens_per_s:-5%%, "
-                          "peak_vram_bytes:+3%%)")
-    cmp.add_argument("--fail-missing", action="store_true", help="count baseline cells missing from CURRENT as regressions")
+                          "memory_bytes:+3%%: peak VRAM on a GPU, peak RSS on a CPU)")
+    cmp.add_argument("--allow-missing", action="store_true",
+                     help="list baseline cells missing from CURRENT instead of failing on them (a run of fewer cells "
+                          "on purpose)")
+    cmp.add_argument("--fail-missing", action="store_true", help=argparse.SUPPRESS)  # the default now
     cmp.add_argument("--across-gpus", action="store_true",
                      help="also compare a cell measured on different GPU models (default: same GPU model only)")
     cmp.add_argument("--out", help="markdown report path (default: CURRENT/compare.md)")
@@ -72,7 +79,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     if len(ns.runs) < 2:
         return _error("compare needs a BASELINE and a CURRENT run folder")
     try:
-        chk = prepare(ns.runs[:-1], ns.fail, fail_missing=ns.fail_missing, across_gpus=ns.across_gpus)
+        chk = prepare(ns.runs[:-1], ns.fail, allow_missing=ns.allow_missing, across_gpus=ns.across_gpus)
         out = check(chk, ns.runs[-1:], out=ns.out)
     except (CompareError, RunLoadError) as exc:
         return _error(str(exc))
@@ -81,7 +88,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     for line in out.lines:
         print(line)
     print(f"report: {out.report}")
-    return 1 if out.regressed else 0
+    return out.exit_code
 
 
 # -- issue 8: serial vs parallel ---------------------------------------------------------

@@ -175,6 +175,42 @@ def upgrade(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_NON_FINITE = ("nan", "inf", "-inf")
+
+
+def _type_ok(f: Field, value: Any) -> bool:
+    if value is None:
+        return True
+    if f.type == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if f.type == "float":
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)) or value in _NON_FINITE
+    if f.type == "str":
+        return isinstance(value, str)
+    if f.type == "bool":
+        return isinstance(value, bool)
+    if f.type == "list":
+        return isinstance(value, list)
+    return isinstance(value, dict)
+
+
+def check_types(record: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The record with every declared top-level field of the wrong type read as blank
+    (null), and one line per such field. A damaged value never reaches a table or a
+    comparison as if it were a measurement."""
+    problems, out = [], record
+    for key, value in record.items():
+        f = _REGISTRY.get(key)
+        if f is None or f.nested or _type_ok(f, value):
+            continue
+        if out is record:
+            out = dict(record)
+        out[key] = None
+        problems.append(f"{key} is {value!r}, not {'a number' if f.type in ('int', 'float') else 'a ' + f.type}: "
+                        "read as blank")
+    return out, problems
+
+
 def newer_note(where: str, versions: dict[int, int]) -> str:
     """The warning for records a newer harness wrote: kept, read as they are."""
     parts = ", ".join(f"{n} of schema version {v}" for v, n in sorted(versions.items()))

@@ -75,6 +75,40 @@ _RUN = (
       "seen to end (0 for cells never started)", metric=True, better="lower", bench=True),
 )
 
+# What makes two records the same measurement, and how far a record's numbers can be
+# trusted (schema version 2).
+_TRUST = (
+    F("fingerprint", "str", None, "identity", "hash of every setting that changes the numbers (harness.core."
+      "fingerprint): records of one cell id are the same measurement only when theirs match; older records get "
+      "theirs from their spec", since=2),
+    F("measurement_opts", "object", None, "identity", "the worker settings in the fingerprint: the NVML "
+      "sampler's period and mode, int8 pre-quantised loading", since=2),
+    F("repeat", "int", None, "identity", "n for the n-th repeat of a cell with the same settings in one run folder "
+      "(absent on a first measurement)", since=2),
+    F("stable", "bool", None, "quality", "whether the measured steps agree: step_time_spread within "
+      "harness.core.steps.STABLE_SPREAD (null with fewer than 3 measured steps); tokens/s of an unstable cell is "
+      "not a figure to compare", since=2, table="stable"),
+    F("load_avg_before", "float", None, "quality", "the host's 1-minute load average when the cell started",
+      since=2),
+    F("load_avg_after", "float", None, "quality", "the host's 1-minute load average when its measured steps "
+      "ended", since=2),
+    F("cpu_count", "int", None, "quality", "CPUs this process may run on (the load average's scale)", since=2),
+    F("host_busy", "bool", None, "quality", "the load average exceeded the CPUs available before or during the "
+      "cell: other work competed for the host", since=2),
+    F("gpu_other_processes", "int", None, "quality", "compute processes of others on the cell's GPU (NVML; "
+      "containers often hide them: null when NVML lists none of ours either)", since=2),
+    F("gpu_busy_fraction", "float", "fraction", "quality", "fraction of a profiled training step during which "
+      "the GPU ran a kernel or copy (one extra step after the measured window)", since=2, table="GPU busy"),
+    F("host_bound", "bool", None, "quality", "gpu_busy_fraction under harness.core.steps.HOST_BOUND_BELOW: the "
+      "step waits on the host CPU, and its tokens/s measure the CPU more than the GPU", since=2,
+      table="host-bound"),
+    F("gpu_kernels_per_step", "int", None, "quality", "kernels the profiled step launched", since=2),
+    F("gpu_kernel_median_us", "float", "us", "quality", "the profiled step's median kernel duration", since=2),
+    F("gpu_busy_error", "str", None, "quality", "why the profiled step gave no busy fraction", since=2),
+    F("quality_notes", "list", None, "quality", "why a cell's speed figures are not to be compared (unstable, "
+      "host busy, host-bound); absent when none", since=2),
+)
+
 _SPEED = (
     F("step_times_s", "list", "s/step", "speed", "every measured step's time", per="step"),
     F("warmup_step_times_s", "list", "s/step", "speed", "the warm-up steps' times", per="step"),
@@ -132,4 +166,4 @@ _BUDGET = (
       "(the status is then oom)"),
 )
 
-FIELDS = (*_ALWAYS, *_RUN, *_SPEED, *_MEMORY, *_BUDGET)
+FIELDS = (*_ALWAYS, *_RUN, *_TRUST, *_SPEED, *_MEMORY, *_BUDGET)

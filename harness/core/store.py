@@ -186,28 +186,44 @@ class RunLock:
         self.release()
 
 
-def iter_records(path: str | os.PathLike, *, upgrade: bool = True) -> Iterator[dict[str, Any]]:
-    """The records of a results file, each read as today's schema (``schema.upgrade``).
-    Records a newer harness wrote are kept as they are, with one warning naming the
-    file and their versions; ``upgrade=False`` yields the lines exactly as stored."""
+def read_records(path: str | os.PathLike, *, upgrade: bool = True) -> tuple[list[dict[str, Any]], list[str]]:
+    """The records of a results file and one line per problem met reading it: a line that
+    is not JSON (a run killed mid-write), a line that is JSON but not a record, a field of
+    the wrong type (read as blank), records a newer harness wrote (kept, read as they
+    are). Each record is read as today's schema (``schema.upgrade``); ``upgrade=False``
+    yields the lines exactly as stored. Nothing is dropped without a line saying so."""
     with open(path, "r", errors="replace") as f:
         lines = f.read().split("\n")
-    records = []
+    records, problems = [], []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except ValueError:
-            warnings.warn(f"{path}: line {n} is not valid JSON (a run killed mid-write?); skipped", stacklevel=2)
+            problems.append(f"{path}: line {n} is not valid JSON (a run killed mid-write?); skipped")
             continue
-        if isinstance(rec, dict):
-            records.append(rec)
+        if not isinstance(rec, dict):
+            problems.append(f"{path}: line {n} is JSON but not a record (a {type(rec).__name__}); skipped")
+            continue
+        if upgrade:
+            rec, bad = schema.check_types(rec)
+            problems += [f"{path}: line {n} ({rec.get('cell_id') or 'no cell id'}): {b}" for b in bad]
+        records.append(rec)
     if upgrade:
         newer = schema.newer_versions(records)
         if newer:
-            warnings.warn(schema.newer_note(str(path), newer), stacklevel=2)
+            problems.append(schema.newer_note(str(path), newer))
         records = [schema.upgrade(r) for r in records]
+    return records, problems
+
+
+def iter_records(path: str | os.PathLike, *, upgrade: bool = True) -> Iterator[dict[str, Any]]:
+    """``read_records``'s records; each problem is a ``UserWarning`` (the CLI prints them
+    as one line each, ``report`` lists them)."""
+    records, problems = read_records(path, upgrade=upgrade)
+    for p in problems:
+        warnings.warn(p, stacklevel=2)
     yield from records
 
 

@@ -59,22 +59,22 @@ def of_run(run_dir: str | Path) -> dict[str, Any] | None:
     entries = measured(meta)
     if entries:
         return entries[-1]
-    from harness.core.store import load_records
+    from harness.core.store import read_records
 
     path = d / "results.jsonl"
-    return estimate(load_records(path)) if path.is_file() else None
+    return estimate(read_records(path)[0]) if path.is_file() else None
 
 
 def of_runs(run_dirs: Iterable[str | Path]) -> dict[str, Any] | None:
     """Several run folders read as one (the shards of a sweep, hosts side by side): the
     estimate over all their records, from the first cell's start to the last one's end
     (hosts' clocks are assumed to agree to a second or so). One folder: ``of_run``."""
-    from harness.core.store import load_records
+    from harness.core.store import read_records
 
     dirs = [Path(d) for d in run_dirs]
     if len(dirs) == 1:
         return of_run(dirs[0])
-    records = [r for d in dirs if (d / "results.jsonl").is_file() for r in load_records(d / "results.jsonl")]
+    records = [r for d in dirs if (d / "results.jsonl").is_file() for r in read_records(d / "results.jsonl")[0]]
     t = estimate(records)
     return dict(t, runs=len(dirs)) if t else None
 

@@ -13,8 +13,19 @@ the current's) is reported as ``noise``, not as a regression. Memory peaks are o
 measurement per record: with one record a side they are judged by the threshold alone.
 
 A status change is a regression when it gets worse: ok -> anything else, or OOM /
-unsupported -> error / crash / timeout. Cells only in one side are listed, not judged
-(a sweep run with ``-k`` has fewer cells); ``fail_missing`` makes missing cells count.
+unsupported -> error / crash / timeout.
+
+The check fails closed, so that nothing reads as green without having been checked:
+
+- a baseline cell missing from the current run is a regression (``allow_missing``
+  lists it instead, for a run that selected fewer cells on purpose);
+- an ok baseline cell whose metric the current run's ok record lacks is a regression;
+- a threshold that no cell could check is an error (``nothing_checked``), not a pass;
+- a speed change in a cell whose measured steps disagree (``harness.core.steps``: the
+  record is not ``stable``) is ``unstable``: neither a pass nor a regression; the
+  comparison says so (``inconclusive``);
+- records of a cell with several settings fingerprints on one side are not pooled as
+  repeats: the latest settings' records stand (a note says so).
 """
 
 from __future__ import annotations
@@ -28,9 +39,11 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 
 from harness.core import schema
+from harness.core import steps as steps_mod
 from harness.report.units import as_float
 
-DEFAULT_THRESHOLDS: tuple[str, ...] = ("tokens_per_s:-5%", "peak_vram_bytes:+3%")
+# memory_bytes: peak VRAM on a GPU, peak resident memory on a CPU host (the report frame's).
+DEFAULT_THRESHOLDS: tuple[str, ...] = ("tokens_per_s:-5%", "memory_bytes:+3%")
 # Columns of the report frame that are not record fields: the one derived metric, and
 # bookkeeping numbers that are never a metric. Record fields are judged by the schema.
 FRAME_METRICS = frozenset({"memory_bytes"})
@@ -146,7 +159,7 @@ class MetricVerdict:
     current: Side
     change_abs: float | None
     change_rel: float | None
-    verdict: str  # regression, noise, improved, ok, not measured
+    verdict: str  # regression, noise, unstable, improved, ok, not measured
     note: str = ""
 
 
@@ -176,6 +189,20 @@ class Comparison:
     def regressed(self) -> bool:
         return bool(self.regressions)
 
+    @property
+    def unstable(self) -> list[MetricVerdict]:
+        return [m for m in self.metrics if m.verdict == "unstable"]
+
+    @property
+    def inconclusive(self) -> bool:
+        """No regression, but some change could not be judged (an unstable cell)."""
+        return not self.regressed and bool(self.unstable)
+
+    def unchecked(self) -> list[Threshold]:
+        """Thresholds no compared cell could check (no value on both sides anywhere)."""
+        return [t for t in self.thresholds
+                if not any(m.threshold is t and m.verdict not in ("not measured",) for m in self.metrics)]
+
 
 def _per_step(rec: pd.Series, metric: str) -> list[float]:
     """One value per measured step for step-time metrics; [] for the rest."""
@@ -204,15 +231,22 @@ def side(records: pd.DataFrame, metric: str) -> Side:
                 len(band), len(values))
 
 
-def judge(cell_id: str, t: Threshold, base: Side, cur: Side) -> MetricVerdict:
+def judge(cell_id: str, t: Threshold, base: Side, cur: Side, *, unsteady: str = "") -> MetricVerdict:
+    """One metric of one cell. ``unsteady``: why a side's measured steps disagree (a
+    speed metric there is then ``unstable`` unless it is within the threshold)."""
+    if base.value is not None and cur.value is None:
+        return MetricVerdict(cell_id, t, base, cur, None, None, "regression",
+                             f"{t.metric} measured in the baseline, missing in the current run")
     if base.value is None or cur.value is None:
-        return MetricVerdict(cell_id, t, base, cur, None, None, "not measured",
-                             "no value in the " + ("baseline" if base.value is None else "current run"))
+        return MetricVerdict(cell_id, t, base, cur, None, None, "not measured", "no value in either run"
+                             if cur.value is None else "no value in the baseline")
     d = cur.value - base.value
     rel = d / abs(base.value) if base.value else (0.0 if d == 0 else math.copysign(math.inf, d))
     worse = t.direction * (rel if t.relative else d)
     if abs(worse) <= t.amount:
         return MetricVerdict(cell_id, t, base, cur, d, rel, "ok")
+    if unsteady and t.metric in step_metrics() and _ranges_overlap(base, cur):
+        return MetricVerdict(cell_id, t, base, cur, d, rel, "unstable", unsteady)
     in_band = base.contains(cur.value) or cur.contains(base.value)
     if in_band:
         which = base if base.contains(cur.value) else cur
@@ -223,6 +257,14 @@ def judge(cell_id: str, t: Threshold, base: Side, cur: Side) -> MetricVerdict:
         note = "" if base.low is not None or cur.low is not None else "single measurement each side: threshold only"
         return MetricVerdict(cell_id, t, base, cur, d, rel, "regression", note)
     return MetricVerdict(cell_id, t, base, cur, d, rel, "improved")
+
+
+def _ranges_overlap(a: Side, b: Side) -> bool:
+    """Whether the two sides' measured ranges overlap (a side without a range is its
+    value): a change beyond both ranges is real however unsteady the steps were."""
+    lo_a, hi_a = (a.low, a.high) if a.low is not None else (a.value, a.value)
+    lo_b, hi_b = (b.low, b.high) if b.low is not None else (b.value, b.value)
+    return lo_a <= hi_b and lo_b <= hi_a
 
 
 def _last_status(records: pd.DataFrame) -> str:
@@ -263,7 +305,7 @@ def by_gpu_model(baseline: pd.DataFrame, current: pd.DataFrame) -> tuple[pd.Data
 
 
 def compare(baseline: pd.DataFrame, current: pd.DataFrame, thresholds: Sequence[Threshold], *,
-            fail_missing: bool = False, across_gpus: bool = False) -> Comparison:
+            allow_missing: bool = False, across_gpus: bool = False) -> Comparison:
     """Judge every cell of ``current`` against ``baseline`` (frames of every record, as
     ``harness.report.load.load_run_set(...).records``). Cells are matched on the same GPU
     model only unless ``across_gpus`` (issue 8)."""
@@ -300,21 +342,44 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame, thresholds: Sequence[
         sv = status_verdict(cid, _last_status(b), _last_status(c))
         if sv:
             cells.append(sv)
-        b_ok, c_ok = b[b["status"] == "ok"], c[c["status"] == "ok"]
+        b_ok, c_ok = _same_settings(b[b["status"] == "ok"], notes), _same_settings(c[c["status"] == "ok"], notes)
         if b_ok.empty or c_ok.empty:
             continue  # no finished measurement on one side: the status says it all
+        unsteady = _unsteady(b_ok, "baseline") or _unsteady(c_ok, "current run")
         for t in thresholds:
-            metrics.append(judge(cid, t, side(b_ok, t.metric), side(c_ok, t.metric)))
+            metrics.append(judge(cid, t, side(b_ok, t.metric), side(c_ok, t.metric), unsteady=unsteady))
     for cid in [c for c in dict.fromkeys(current["cell_id"]) if c not in b_ids]:
         cells.append(CellVerdict(cid, "added", None, _last_status(c_groups[cid]), "listed", "not in the baseline"))
     for cid in [c for c in dict.fromkeys(baseline["cell_id"]) if c not in c_ids]:
         cells.append(CellVerdict(cid, "removed", _last_status(b_groups[cid]), None,
-                                 "regression" if fail_missing else "listed", "not in the current run"))
+                                 "listed" if allow_missing else "regression", "not in the current run"))
     if not metrics and thresholds:
         notes.append("no cell finished (ok) on both sides: only statuses were compared")
-    for t in thresholds:
-        judged = [m for m in metrics if m.threshold is t]
-        if judged and all(m.verdict == "not measured" for m in judged):
-            hint = " (VRAM is not measured on a CPU host)" if "vram" in t.metric else ""
-            notes.append(f"{t.metric} has no value on both sides of any compared cell{hint}: {t.text} not checked")
     return Comparison(tuple(thresholds), tuple(metrics), tuple(cells), len(common), tuple(notes))
+
+
+def _same_settings(ok: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
+    """The records of one cell that share the latest record's settings fingerprint: records
+    of other settings are other measurements, never repeats of this one."""
+    if ok.empty or "fingerprint" not in ok.columns:
+        return ok
+    fps = ok["fingerprint"].astype(str)
+    latest = fps.iloc[-1]
+    if fps.nunique() > 1 and latest not in ("None", "nan"):
+        notes.append(f"{ok['cell_id'].iloc[-1]}: records of {fps.nunique()} different settings; only the latest "
+                     "settings' records are compared")
+        return ok[fps == latest]
+    return ok
+
+
+def _unsteady(ok: pd.DataFrame, where: str) -> str:
+    """Why the side's measured steps disagree, or ''."""
+    for _, r in ok.iterrows():
+        rec = {k: r.get(k) for k in ("stable", "step_times_s", "step_time_spread")}
+        if not isinstance(rec["stable"], bool):
+            rec.pop("stable")
+        if steps_mod.is_stable(rec) is False:
+            spread = as_float(r.get("step_time_spread"))
+            return (f"the {where}'s measured steps spread {spread:.0%} (> {steps_mod.STABLE_SPREAD:.0%}): "
+                    "cannot tell a change from noise" if spread is not None else f"the {where}'s cell is unstable")
+    return ""

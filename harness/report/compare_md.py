@@ -16,6 +16,10 @@ def summary_line(cmp: Comparison) -> str:
     if not regs:
         noise = sum(1 for m in cmp.metrics if m.verdict == "noise")
         tail = f"; {noise} change(s) past a threshold were inside the measurement spread (noise)" if noise else ""
+        if cmp.unstable:
+            cells = len({m.cell_id for m in cmp.unstable})
+            return (f"UNSTABLE: no regression found, but {len(cmp.unstable)} change(s) in {cells} unstable cell(s) "
+                    f"cannot be told from noise ({cmp.compared} cells compared){tail}")
         return f"no regression: {cmp.compared} cells compared{tail}"
     n_metric = sum(1 for r in regs if isinstance(r, MetricVerdict))
     n_cell = len(regs) - n_metric
@@ -36,6 +40,9 @@ def regression_lines(cmp: Comparison, limit: int = 20) -> list[str]:
                        + (f" ({r.note})" if r.note else ""))
     if len(cmp.regressions) > limit:
         out.append(f"  ... and {len(cmp.regressions) - limit} more (see the report)")
+    for m in cmp.unstable[:limit]:
+        out.append(f"  {m.cell_id}: {m.threshold.metric} {fmt(m.threshold.metric, m.baseline.value)} -> "
+                   f"{fmt(m.threshold.metric, m.current.value)}: unstable ({m.note})")
     return out
 
 

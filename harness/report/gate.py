@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Collection, Sequence
 
 from harness.report.compare import DEFAULT_THRESHOLDS, Comparison, CompareError, Threshold, check_metrics, compare, parse_thresholds
+from harness.core.schema import SCHEMA_VERSION
 from harness.report.load import RunLoadError, RunSet, load_run_set
 from harness.report.compare_md import regression_lines, summary_line, to_markdown
 
@@ -29,8 +30,8 @@ class BaselineCheck:
     paths: tuple[str, ...]
     thresholds: tuple[Threshold, ...]
     baseline: RunSet
-    fail_missing: bool = False
-    across_gpus: bool = False  # issue 8: compare cells measured on different GPU models too
+    allow_missing: bool = False  # baseline cells absent from the current run are listed, not failed
+    across_gpus: bool = False  # compare cells measured on different GPU models too
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,6 +46,16 @@ class Outcome:
     def regressed(self) -> bool:
         return self.comparison.regressed
 
+    @property
+    def inconclusive(self) -> bool:
+        return self.comparison.inconclusive
+
+    @property
+    def exit_code(self) -> int:
+        """1: a regression; 3: none, but a change inside an unstable cell could not be
+        judged (cannot tell: not a pass); 0: every check passed."""
+        return 1 if self.regressed else 3 if self.inconclusive else 0
+
 
 def split_paths(value: str | Sequence[str]) -> list[str]:
     items = value.split(",") if isinstance(value, str) else list(value)
@@ -52,7 +63,7 @@ def split_paths(value: str | Sequence[str]) -> list[str]:
 
 
 def prepare(baseline: str | Sequence[str], fail: str | Sequence[str] | None = None, *,
-            fail_missing: bool = False, across_gpus: bool = False) -> BaselineCheck:
+            allow_missing: bool = False, across_gpus: bool = False) -> BaselineCheck:
     """Load the baseline and parse the thresholds now, before anything runs: a typo in
     either should cost seconds, not a whole sweep."""
     paths = split_paths(baseline)
@@ -67,7 +78,19 @@ def prepare(baseline: str | Sequence[str], fail: str | Sequence[str] | None = No
         raise BaselineError(str(exc)) from None
     if not thresholds:
         raise BaselineError("no threshold given")
-    return BaselineCheck(tuple(paths), thresholds, base, fail_missing, across_gpus)
+    _refuse_newer(base, "baseline")
+    return BaselineCheck(tuple(paths), thresholds, base, allow_missing, across_gpus)
+
+
+def _refuse_newer(rs: RunSet, side: str) -> None:
+    """Records a newer harness wrote hold fields this one cannot judge: comparing them
+    would compare what it does not understand."""
+    if "schema_version" not in rs.records.columns:
+        return
+    newer = sorted({int(v) for v in rs.records["schema_version"].dropna() if int(v) > SCHEMA_VERSION})
+    if newer:
+        raise BaselineError(f"the {side} holds records of schema version {', '.join(map(str, newer))}, newer than "
+                            f"this harness's {SCHEMA_VERSION}: compare them with the harness that wrote them")
 
 
 def label(rs: RunSet) -> str:
@@ -91,8 +114,16 @@ def check(chk: BaselineCheck, current: str | Sequence[str], *, out: str | os.Pat
         records = records[records["cell_id"].isin(set(only_cells))]
         if records.empty:
             raise BaselineError("this session recorded no cell to compare")
-    cmp = compare(chk.baseline.records, records, chk.thresholds, fail_missing=chk.fail_missing,
-                  across_gpus=chk.across_gpus)
+    _refuse_newer(cur, "current run")
+    base = chk.baseline.records
+    if only_cells is not None:  # a session's cells: the baseline's others are not missing from it
+        base = base[base["cell_id"].isin(set(only_cells))]
+    cmp = compare(base, records, chk.thresholds, allow_missing=chk.allow_missing, across_gpus=chk.across_gpus)
+    unchecked = cmp.unchecked()
+    if unchecked:
+        hint = " (no VRAM is measured on a CPU host)" if any("vram" in u.metric for u in unchecked) else ""
+        raise BaselineError(f"nothing checked: no compared cell has {', '.join(u.metric for u in unchecked)} on "
+                            f"both sides{hint}; thresholds {', '.join(u.text for u in unchecked)} cannot pass")
     warnings = tuple(f"baseline: {w}" for w in chk.baseline.warnings) + tuple(f"current: {w}" for w in cur.warnings)
     text = to_markdown(cmp, label(chk.baseline), label(cur), warnings)
     target = Path(out) if out else Path(cur.runs[0].path) / REPORT_NAME
@@ -133,4 +164,4 @@ def check_sweep(chk: BaselineCheck, run_dir: str | os.PathLike, cell_ids: Collec
     lines = [f"lora-harness: baseline: {out.summary}", *out.lines]
     lines += [f"lora-harness: warning: {w}" for w in out.warnings]
     lines.append(f"lora-harness: regression report: {out.report}")
-    return SweepVerdict(out.regressed, tuple(lines), out.report)
+    return SweepVerdict(out.regressed or out.inconclusive, tuple(lines), out.report)

@@ -25,7 +25,7 @@ import pandas as pd
 
 from harness.core import schema
 from harness.core.record import SCHEMA_VERSION
-from harness.core.store import StoreError, iter_records
+from harness.core.store import StoreError, read_records
 from harness.report.units import as_float
 
 # The record's columns come from the schema (harness.core.schema): numbers (stored as
@@ -96,14 +96,10 @@ def read_run(path: str | os.PathLike) -> tuple[RunInfo, list[dict[str, Any]], li
     """One run: its info, its usable records in file order, and warnings."""
     results = resolve_results(path)
     folder = results.parent
-    notes: list[str] = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            raw = list(iter_records(results))
-        except OSError as exc:
-            raise RunLoadError(f"{results}: cannot read ({exc.strerror or exc})") from None
-    notes += [str(w.message) for w in caught]
+    try:
+        raw, notes = read_records(results)
+    except OSError as exc:
+        raise RunLoadError(f"{results}: cannot read ({exc.strerror or exc})") from None
     records, skipped, unversioned = [], 0, 0
     for rec in raw:
         if not rec.get("cell_id") or not rec.get("status"):
@@ -215,8 +211,8 @@ def records_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
             missing[col] = None
     if missing:  # at once: one insert per column fragments the frame
         df = pd.concat([df, pd.DataFrame(missing, index=df.index)], axis=1)
-    for col in numeric + tuple(c for c in df.columns if c.startswith("grad_ckpt_evidence.")):
-        df[col] = pd.to_numeric(df[col].map(as_float), errors="coerce")
+    conv = numeric + tuple(c for c in df.columns if c.startswith("grad_ckpt_evidence."))
+    df = df.assign(**{col: pd.to_numeric(df[col].map(as_float), errors="coerce") for col in conv}).copy()
     df["schema_version"] = df["schema_version"].fillna(0)
     df["status"] = df["status"].astype(str)
     # The peak memory a reader cares about: VRAM on a GPU, resident memory on a CPU host.
@@ -225,7 +221,7 @@ def records_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df.loc[df["device_label"].astype(str).str.startswith("CPU"), "memory_kind"] = "RSS"
     df["memory_bytes"] = vram.where(df["memory_kind"] == "VRAM", df["peak_rss_bytes"])
     df["tokens_per_step"] = df["seq_len"] * df["batch_size"].fillna(1)
-    return df
+    return df.copy()  # one block per dtype again after the column-by-column conversions
 
 
 def latest_per_cell(records: pd.DataFrame) -> pd.DataFrame:

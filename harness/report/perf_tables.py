@@ -132,7 +132,7 @@ def sweep_cost(records: list[dict[str, Any]], env: dict[str, Any] | None = None,
 
 
 def sweep_cost_of_run(run_dir: str | Path) -> dict[str, Any]:
-    from harness.core.store import load_records
+    from harness.core.store import read_records
 
     d = Path(run_dir)
     read = lambda name: json.loads((d / name).read_text()) if (d / name).is_file() else None  # noqa: E731
@@ -142,7 +142,7 @@ def sweep_cost_of_run(run_dir: str | Path) -> dict[str, Any]:
         m = re.search(r"worker server ready in ([0-9.]+) s", (d / "console.log").read_text(errors="replace"))
         if m:
             env = dict(env, worker_start_s=float(m.group(1)), worker_start_from="console.log")
-    out = sweep_cost(load_records(d / "results.jsonl"), env, read("run.json"))
+    out = sweep_cost(read_records(d / "results.jsonl")[0], env, read("run.json"))
     out["run_dir"] = str(d)
     return out
 

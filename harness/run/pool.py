@@ -220,7 +220,7 @@ class GpuPool:
         jobs = [j for j in jobs if not (j[0].cell_id in seen or seen.add(j[0].cell_id))]
         if not jobs:
             return []
-        if any(j[0].cell_id not in sweep.done for j in jobs) and not sweep.config.out_of_time(sweep.started_at):
+        if any(sweep.resumable(j[0]) is None for j in jobs) and not sweep.config.out_of_time(sweep.started_at):
             sweep.start()
         queue = _Queue(jobs, prune=sweep.config.prune, stopping=sweep.stopping)
         # before any server started (every cell replayed or past --time-limit) one lane

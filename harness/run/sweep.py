@@ -32,7 +32,9 @@ from typing import Any, Callable, Sequence
 from harness.core.phases import process_started_at
 from harness.core.record import Status, make_record
 from harness.core.spec import CellSpec
-from harness.core.store import RunStore
+from harness.core import fingerprint as fp
+from harness.core import steps
+from harness.core.store import RunLock, RunStore, StoreError
 from harness.plan import capability
 from harness.plan.options import SweepConfig
 from harness.plan.prune import pruned_by, pruned_record
@@ -76,7 +78,10 @@ class Sweep:
         self.store: RunStore | None = None
         self.env: dict[str, Any] | None = None
         self.records: list[dict[str, Any]] = []
-        self.done: dict[str, dict[str, Any]] = {}  # cell id -> record of an earlier invocation (--resume)
+        self.done: dict[str, dict[str, Any]] = {}  # cell id -> the record --resume replays for it
+        self.stored: dict[str, list[dict[str, Any]]] = {}  # cell id -> every record the folder held at the start
+        self.rerun: dict[str, str] = {}  # cell id -> why its stored record does not stand for it now
+        self.lock: RunLock | None = None
         self.started_at = process_started_at()  # what --time-limit counts from
         self.not_started: list[str] = []  # cells --time-limit kept from starting
         self.stopping = threading.Event()  # set when interrupted: nothing more is recorded (--resume reruns it)
@@ -105,12 +110,58 @@ class Sweep:
 
     # -- lifecycle -----------------------------------------------------------------
     def open_store(self) -> RunStore:
-        """Create / reopen the run folder (cheap; no worker started)."""
+        """Create / reopen the run folder and take its lock for the sweep's life (cheap; no
+        worker started). Resuming, a stored record stands for a cell only when its settings
+        fingerprint is the cell's; without --resume, a folder that already holds some of
+        this sweep's cells measured with other settings is refused (the same settings make
+        the new records repeats)."""
         if self.store is None:
-            self.store = RunStore.open(self.config.run_dir, resume=self.config.resume)
-            if self.config.resume:
-                self.done = self.store.latest_by_cell()
+            store = RunStore.open(self.config.run_dir, resume=self.config.resume)
+            self.lock = RunLock(store.dir).acquire(self.command)
+            self.store = store
+            for rec in store.records():
+                if rec.get("cell_id"):
+                    self.stored.setdefault(rec["cell_id"], []).append(rec)
+            if not self.config.resume:
+                self._refuse_other_settings()
         return self.store
+
+    def fingerprint(self, cell: CellSpec) -> str:
+        return fp.fingerprint(cell, self.config.worker_opts())
+
+    def resumable(self, cell: CellSpec) -> dict[str, Any] | None:
+        """The stored record --resume replays for ``cell``: its latest with the same
+        settings. A cell whose stored records were made with other settings runs again
+        (``rerun`` says why)."""
+        if not self.config.resume or cell.cell_id not in self.stored:
+            return None
+        if cell.cell_id in self.done:
+            return self.done[cell.cell_id]
+        want = self.fingerprint(cell)
+        same = [r for r in self.stored[cell.cell_id] if fp.of_record(r) == want]
+        if same:
+            self.done[cell.cell_id] = same[-1]
+            return same[-1]
+        if cell.cell_id not in self.rerun:
+            self.rerun[cell.cell_id] = fp.explain(self.stored[cell.cell_id][-1], cell, self.config.worker_opts())
+            self.out(f"lora-harness: {cell.cell_id}: runs again, its stored record was made with other settings "
+                     f"({self.rerun[cell.cell_id]})")
+        return None
+
+    def _refuse_other_settings(self) -> None:
+        for cell in self.config.cells:
+            recs = self.stored.get(cell.cell_id)
+            if recs and all(fp.of_record(r) != self.fingerprint(cell) for r in recs):
+                self.close()
+                raise StoreError(f"{self.store.dir} already holds {cell.cell_id} measured with other settings "
+                                 f"({fp.explain(recs[-1], cell, self.config.worker_opts())}): continue it with the "
+                                 "same settings and --resume, or give another --run-dir")
+
+    def repeat_of(self, cell: CellSpec) -> int:
+        """How many records of ``cell`` with the same settings the folder held before: the
+        new record is repeat number that + 1 (0: a first measurement)."""
+        want = self.fingerprint(cell)
+        return sum(1 for r in self.stored.get(cell.cell_id, ()) if fp.of_record(r) == want)
 
     def start(self) -> None:
         """Start the executor's launchers (once); the run folder gets env.json and run.json."""
@@ -149,6 +200,9 @@ class Sweep:
 
     def close(self) -> None:
         self.executor.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def __enter__(self) -> "Sweep":
         self.start()
@@ -164,8 +218,10 @@ class Sweep:
         cell the capability rules predict unsupported, and its record holds both the
         prediction and what really happened. ``check_time``: a cell past --time-limit is
         not started (callers that check the limit themselves leave it off)."""
-        if cell.cell_id in self.done:
-            return Decision(cell, Verdict.RESUMED, suite, record=dict(self.done[cell.cell_id], resumed=True))
+        self.open_store()
+        stored = self.resumable(cell)
+        if stored is not None:
+            return Decision(cell, Verdict.RESUMED, suite, record=dict(stored, resumed=True))
         if check_time and self.out_of_time(cell):
             return Decision(cell, Verdict.OUT_OF_TIME, suite)
         self.start()  # every run folder gets env.json, even if no cell can run here
@@ -203,6 +259,12 @@ class Sweep:
 
             extra.update(scaling_fields(cell, worker, list(self.done.values()) + self.records))
         extra["prediction"] = decision.prediction.to_dict() if decision.prediction is not None else None
+        extra.update(steps.quality(worker))
+        extra["fingerprint"] = self.fingerprint(cell)
+        extra["measurement_opts"] = fp.measurement_opts(self.config.worker_opts())
+        repeat = self.repeat_of(cell)
+        if repeat:
+            extra["repeat"] = repeat
         if decision.suite:
             extra["suite"] = decision.suite
         extra.update({"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hostname": env.get("hostname"),
@@ -279,7 +341,7 @@ class Sweep:
     def out_of_time(self, cell: CellSpec) -> bool:
         """--time-limit: whether ``cell`` must not start (a recorded cell replays anyway).
         Such a cell is not run and not recorded; ``--resume`` runs it later."""
-        if cell.cell_id in self.done or not self.config.out_of_time(self.started_at):
+        if self.resumable(cell) is not None or not self.config.out_of_time(self.started_at):
             return False
         with self._lock:
             if not self.not_started:
