@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.pytest_session import asked_suites
+
 from harness.fit import claims
 from harness.fit import claims_run as claimsrun
 from harness.fit import search as fitrun
@@ -33,17 +35,11 @@ from harness.core.errors import SpecError
 MODES = claimsrun.MODES
 
 
-def _asked_for(config) -> bool:
-    """The claims run when asked for: this file named on the command line, or ``-m claims``.
-    ``pytest suites/`` (the matrix job) leaves them out: their cells cost minutes on a GPU,
-    and their outcomes are findings about the seed, not the health of a sweep."""
-    named = any("test_claims.py" in str(a) for a in config.args)
-    return named or "claims" in (config.getoption("markexpr") or "")
-
-
 @pytest.fixture(scope="module")
 def claims_ctx(lora_harness):
-    if not _asked_for(lora_harness.pyconfig):
+    # ``pytest suites/`` (the matrix job) leaves the claims out: their cells cost minutes on
+    # a GPU, and their outcomes are findings about the seed, not the health of a sweep.
+    if "claims" not in asked_suites(lora_harness.pyconfig):
         pytest.skip("the claims suite runs when asked for: pytest suites/test_claims.py (or -m claims)")
     cfg, facts = lora_harness.cfg, lora_harness.facts
     gran = lora_harness.pyconfig.getoption("lh_granularity")
@@ -51,11 +47,8 @@ def claims_ctx(lora_harness):
     max_len = lora_harness.pyconfig.getoption("lh_max_seq_len")
     prior = tuple(p for p in (lora_harness.pyconfig.getoption("lh_prior") or "").split(",") if p.strip())
     settings = fitrun.FitSettings((claimsrun.BUDGET_BYTES,), int(gran), max_len, None, prior)
+    search = lora_harness.fit_search(settings)
     sweep = lora_harness.get_sweep()
-    sweep.total = 0
-    search = fitrun.FitSearch(settings, measure=lambda c: fitrun.measure_with_reuse(sweep, c),
-                              records=sweep.open_store().records(), prior=fitrun.load_prior(prior),
-                              out=lora_harness._out)
     gpus = facts.get("gpus") or []
     try:
         n_seeds = claimsrun.seeds_option(lora_harness.pyconfig.getoption("lh_claims_seeds"))
@@ -70,11 +63,11 @@ def claims_ctx(lora_harness):
     yield ctx
     if ctx.verdicts:
         _write(ctx)
-        lora_harness._out("")
-        lora_harness._out("claims (../shared/SEED.md), measured on this host:")
+        lora_harness.out("")
+        lora_harness.out("claims (../shared/SEED.md), measured on this host:")
         for row in claims.table_rows(ctx.verdicts):
-            lora_harness._out(f"  {row[2].replace('*', ''):13s} {row[1]:10s} {row[0]}: {row[3]}")
-        lora_harness._out(f"claims.md / claims.json in {ctx.run_dir}")
+            lora_harness.out(f"  {row[2].replace('*', ''):13s} {row[1]:10s} {row[0]}: {row[3]}")
+        lora_harness.out(f"claims.md / claims.json in {ctx.run_dir}")
 
 
 def _write(ctx):

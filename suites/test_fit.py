@@ -15,7 +15,6 @@ from harness.fit import report as fitreport
 from harness.fit import search as fitrun
 from harness.core.budget import budget_label
 from harness.plan.options import OPTIONS
-from harness.core.phases import process_started_at
 from harness.core.errors import SpecError
 
 
@@ -26,9 +25,9 @@ def _values(config):
 def pytest_generate_tests(metafunc):
     if "fit_case" not in metafunc.fixturenames:
         return
-    from harness.pytest_plugin import _session
+    from harness.pytest_plugin import harness_session
 
-    s = _session(metafunc.config)
+    s = harness_session(metafunc.config)
     values = _values(metafunc.config)
     if not values.get("lh_budgets"):
         metafunc.parametrize("fit_case", [pytest.param(None, marks=pytest.mark.skip(
@@ -52,18 +51,15 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(scope="module")
 def fit_search(lora_harness):
     settings = fitrun.fit_settings(_values(lora_harness.pyconfig), lora_harness.facts)
+    search = lora_harness.fit_search(settings)
     sweep = lora_harness.get_sweep()
-    sweep.total = 0  # a search does not know its cell count in advance
-    search = fitrun.FitSearch(settings, measure=lambda c: fitrun.measure_with_reuse(sweep, c),
-                              records=sweep.open_store().records(), prior=fitrun.load_prior(settings.prior_dirs),
-                              out=lora_harness._out, started_at=process_started_at())
     search.title = fitreport_title(lora_harness)
     yield search
     if search.answers:
         data = fitreport.write(search, sweep.store.dir, search.title)
         for line in fitreport.text(data).splitlines():
-            lora_harness._out(line)
-        lora_harness._out(f"fit.md / fit.json / fit.png in {sweep.store.dir}")
+            lora_harness.out(line)
+        lora_harness.out(f"fit.md / fit.json / fit.png in {sweep.store.dir}")
 
 
 def fitreport_title(lora_harness):

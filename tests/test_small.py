@@ -92,5 +92,5 @@ def test_tables():
     rows = summary_rows([{"cell_id": "a", "status": "oom", "peak_vram_bytes": 1024 ** 3, "tokens_per_s": 5.0},
                          {"cell_id": "b", "status": "ok", "peak_vram_bytes": None, "peak_rss_bytes": 2 * 1024 ** 3,
                           "tokens_per_s": 1234.5}])
-    assert rows == [["a", "OOM", "1.00 GiB VRAM", "-"], ["b", "ok", "2.00 GiB RSS", "1,234"]]
+    assert rows == [["a", "OOM", "1.00 GiB VRAM", "-", ""], ["b", "ok", "2.00 GiB RSS", "1,234", ""]]
     assert format_table(["x", "y"], [["1", "2"]]).splitlines()[0].startswith("x")

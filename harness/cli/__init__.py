@@ -125,6 +125,12 @@ def cmd_run(ns) -> int:
         verdict = check_sweep(baseline, sweep.store.dir, [r["cell_id"] for r in sweep.records])
         print("\n".join(verdict.lines))
         bad = bad or verdict.failed
+    if sweep.records and all(r["status"] == "unsupported" for r in sweep.records):
+        # a sweep that measured nothing is no success (a GPU job on a host without it, a stack without its package)
+        print(f"lora-harness: no cell could run on this host; first reason: "
+              f"{str(sweep.records[0].get('error') or '?').splitlines()[0]}", file=sys.stderr)
+        bad = True
+    print(f"next: lora-harness report {sweep.store.dir}")
     return 1 if bad else 0
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.fit import report as fitreport
-from harness.fit.search import FitSearch, fit_rows, fit_settings, load_prior, measure_with_reuse
+from harness.fit.search import FitSearch, fit_rows, fit_settings, load_prior, open_search
 from harness.core.phases import process_started_at
 from harness.core.store import load_records
 
@@ -64,8 +64,7 @@ def cmd_fit(values: dict[str, Any], facts: dict[str, Any], *, dry_run: bool, com
 
     sweep = Sweep(cfg, facts, command=command, total=0)
     store = sweep.open_store()
-    search = FitSearch(settings, measure=lambda c: measure_with_reuse(sweep, c), records=store.records(),
-                       prior=prior, started_at=process_started_at())
+    search = open_search(settings, sweep, started_at=process_started_at())
     print(f"lora-harness fit: {len(rows)} rows x {len(settings.budgets_bytes)} budgets on {facts.get('gpu_name')}; "
           f"run folder {store.dir}", flush=True)
     try:

@@ -32,10 +32,12 @@ def fmt_duration(s: float | None) -> str:
 
 
 def memory_of(rec: dict[str, Any]) -> tuple[str, int | None]:
-    """('VRAM', bytes) on GPU cells, ('RSS', bytes) on CPU cells: what the cell's peak is."""
-    if rec.get("peak_vram_bytes") is not None:
-        return "VRAM", rec["peak_vram_bytes"]
-    return "RSS", rec.get("peak_rss_bytes")
+    """('VRAM', bytes) on GPU cells, ('RSS', bytes) on CPU cells: what the cell's peak is
+    (None where the record holds no number)."""
+    vram, rss = rec.get("peak_vram_bytes"), rec.get("peak_rss_bytes")
+    if isinstance(vram, (int, float)):
+        return "VRAM", vram
+    return "RSS", rss if isinstance(rss, (int, float)) else None
 
 
 def status_text(rec: dict[str, Any]) -> str:
@@ -45,16 +47,31 @@ def status_text(rec: dict[str, Any]) -> str:
     return st
 
 
+def quality_flags(rec: dict[str, Any]) -> str:
+    """Short marks for a cell whose speed figures are not to be compared."""
+    flags = []
+    if rec.get("stable") is False:
+        flags.append("unstable")
+    if rec.get("host_bound"):
+        flags.append("host-bound")
+    if rec.get("host_busy"):
+        flags.append("host busy")
+    if rec.get("repeat"):
+        flags.append(f"repeat {rec['repeat']}")
+    return ", ".join(flags)
+
+
 def summary_rows(records: Iterable[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for r in records:
         kind, mem = memory_of(r)
+        rate = r.get("tokens_per_s") if r.get("status") == "ok" else None
         rows.append([r.get("cell_id", "?"), status_text(r), f"{fmt_gib(mem)} {kind}" if mem is not None else "-",
-                     fmt_rate(r.get("tokens_per_s") if r.get("status") == "ok" else None)])
+                     fmt_rate(rate if isinstance(rate, (int, float)) else None), quality_flags(r)])
     return rows
 
 
-SUMMARY_HEADERS = ["cell", "status", "peak memory", "tokens/s"]
+SUMMARY_HEADERS = ["cell", "status", "peak memory", "tokens/s", "note"]
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:

@@ -283,3 +283,12 @@ class FitSearch:
 
     def elapsed_s(self) -> float:
         return self.clock() - self.t0
+
+
+def open_search(settings: FitSettings, sweep, *, out: Callable[[str], None] = print,
+                started_at: float | None = None) -> "FitSearch":
+    """The search as every front-end assembles it (``lora-harness fit``, the fit and claims
+    suites): cells measured through ``sweep`` and its records reused, the memory model
+    seeded from the --prior runs."""
+    return FitSearch(settings, measure=lambda c: measure_with_reuse(sweep, c), records=sweep.open_store().records(),
+                     prior=load_prior(settings.prior_dirs), out=out, started_at=started_at)
