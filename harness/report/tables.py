@@ -12,7 +12,8 @@ from typing import Any
 
 import pandas as pd
 
-from harness.core import schema
+from harness.core import fmt as fmt_core
+from harness.core import schema, steps
 from harness.report.units import as_float, fmt
 
 Table = tuple[list[str], list[list[str]]]
@@ -45,10 +46,24 @@ def speed_table(cells: pd.DataFrame) -> Table:
             fmt("step_time_spread", r["step_time_spread"]) if ok else "-",
             str(len(r["step_times_s"])) if isinstance(r["step_times_s"], list) and r["step_times_s"] else "-",
             fmt("mfu", r["mfu"]), fmt("energy_per_token_j", r["energy_per_token_j"]),
-            fmt("wall_time_s", r["wall_time_s"]),
+            fmt("wall_time_s", r["wall_time_s"]), _quality(r) if ok else "",
         ])
     return _heads(dev, "status", "tokens/s", "step time (median)", "step time (p90)", "step spread",
-                  "measured steps", "MFU", "energy / token", "cell wall time"), rows
+                  "measured steps", "MFU", "energy / token", "cell wall time", "speed figure"), rows
+
+
+def _quality(r: pd.Series) -> str:
+    """Why this cell's tokens/s is not a figure to compare: its steps disagree, the GPU
+    waited on the host, or other work loaded the host (computed for older records)."""
+    rec = {k: (None if v is None or (isinstance(v, float) and v != v) else v)
+           for k, v in r.items() if k in ("stable", "step_times_s", "host_bound", "host_busy", "repeat")}
+    if not isinstance(rec.get("stable"), bool):
+        rec.pop("stable", None)
+        rec["stable"] = steps.is_stable(rec)
+    marks = fmt_core.quality_flags(rec)
+    if isinstance(r.get("gpu_busy_fraction"), float) and r["gpu_busy_fraction"] == r["gpu_busy_fraction"]:
+        marks = (marks + "; " if marks else "") + f"GPU busy {r['gpu_busy_fraction']:.0%}"
+    return marks or "ok"
 
 
 def memory_table(cells: pd.DataFrame) -> Table:
