@@ -22,7 +22,7 @@ from harness.core.spec import CellSpec  # noqa: E402
 from harness.core.errors import SpecError
 
 CELL_RE = re.compile(r"^(?P<precision>[a-z0-9-]+)/s(?P<seq>\d+)/gc-(?P<gc>off|on|offload)$")
-# issue 7's cells: the Llama-3.1-8B preset at 2048 tokens
+# the overhead and repeatability cells: the Llama-3.1-8B preset at 2048 tokens
 DEFAULT_CELLS = "bf16/s2048/gc-off,bf16/s2048/gc-on,nf4/s2048/gc-on"
 
 

@@ -1,4 +1,4 @@
-"""Repeatability of the harness's measurements (issue 7).
+"""Repeatability of the harness's measurements.
 
 Runs each given cell ``--reps`` times, each time in a fresh process forked by the
 harness's worker server (rep-major order: every cell once, then every cell again, so the

@@ -56,14 +56,14 @@ def pytest_configure(config: pytest.Config) -> None:
     # collection, not a collection error with a traceback.
     if any(config.getoption(o.dest) not in (None, False) for o in OPTIONS):
         config.stash[_KEY].cfg  # noqa: B018 - raises pytest.UsageError
-    if config.getoption("lh_baseline"):  # issue 3: load the baseline before anything runs
+    if config.getoption("lh_baseline"):  # load the baseline before anything runs: a typo costs seconds
         from harness.report import gate as regress
 
         try:
             config.stash[_KEY].baseline = regress.from_options(config.stash[_KEY].cfg.options)
         except regress.BaselineError as exc:
             raise pytest.UsageError(f"lora-harness: --baseline: {exc}") from None
-    # issue 4: the suites' own options are checked the same way
+    # the suites' own options are checked the same way
     if any(config.getoption(o.dest) is not None for o in OPTIONS if o.name.startswith(("compat-", "stability-"))):
         for suite in SUITE_PARAMS.values():
             config.stash[_KEY].suite_cells(suite)
@@ -107,7 +107,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "lora_cell" in metafunc.fixturenames:
         cells = list(harness_session(metafunc.config).cfg.cells)
         metafunc.parametrize("lora_cell", cells, ids=[c.cell_id for c in cells])
-    # issue 4: compat / stability suites
+    # compat / stability suites
     s = harness_session(metafunc.config)
     marks = {m.name for m in metafunc.definition.iter_markers()} & set(OPT_IN_SUITES)
     if marks and not marks & asked_suites(metafunc.config):
@@ -161,7 +161,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtestloop(session: pytest.Session) -> None:
-    """issue 8: with --gpus, run the selected cells over the GPUs before the first test;
+    """With --gpus, run the selected cells over the GPUs before the first test;
     each test then reports its cell's record (harness.run.pool; NOTES.md says why not xdist).
     Returns None, so pytest's own loop then runs the tests as usual."""
     s = harness_session(session.config)

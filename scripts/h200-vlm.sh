@@ -16,7 +16,7 @@ set -uo pipefail
 RUN=${RUN:-reports/runs/h200-vlm}
 MODEL=${MODEL:-qwen2.5-vl-7b}  # MODEL=tiny-qwen2.5-vl VRAM_BUDGET= rehearses the script on a CPU host
 
-# The seed's card: every cell runs under an emulated 24 GiB budget (issue 5's
+# The seed's card: every cell runs under an emulated 24 GiB budget (the fit work's
 # --vram-budget); a cell that needs more is an OOM at that budget. BUDGET=() runs them
 # on the whole H200 instead (then judge "24 GiB" from the NVML peak): VRAM_BUDGET= (empty)
 # does that, and is how the script is rehearsed on a CPU host (budgets need a GPU).

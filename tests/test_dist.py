@@ -1,4 +1,4 @@
-"""Multi-GPU (torchrun) cells, issue 8: the world_size / parallel axes, the capability
+"""Multi-GPU (torchrun) cells: the world_size / parallel axes, the capability
 rules, how rank records merge into one record, the scaling efficiency, the 70B preset, and
 real 2-process torchrun cells on the CPU (gloo backend) on the tiny model."""
 
@@ -35,7 +35,7 @@ def test_world_size_is_in_the_id_only_above_one():
     assert two.parallel == "ddp" and two.cell_id == "llama-3.1-8b/bf16/s2048/gc-on/ws2-ddp"
     assert one.replace(world_size=2, parallel="FSDP").cell_id.endswith("/ws2-fsdp")
     assert CellSpec.from_dict(two.to_dict()) == two
-    # a record written before issue 8 has neither field
+    # a record written before torchrun cells existed has neither field
     old = one.to_dict()
     del old["world_size"], old["parallel"]
     assert CellSpec.from_dict(old) == one

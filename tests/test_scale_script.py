@@ -1,4 +1,4 @@
-"""scripts/h200x2-scale.sh (issue 8's two-H200 job) rehearsed on CPU: two fake GPUs, the
+"""scripts/h200x2-scale.sh (the two-H200 job) rehearsed on CPU: two fake GPUs, the
 tiny model, two cells; the script's own commands, run folders and tables, so a broken
 script is found here and not on the GPU host's clock."""
 

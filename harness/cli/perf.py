@@ -1,5 +1,5 @@
 """``lora-harness sweep-cost RUN_DIR``: the fixed cost of each cell of a run and the run's
-totals (issue 7; the tables are ``harness.report.perf_tables``). Reads the run folder only, so it
+totals (the tables are ``harness.report.perf_tables``). Reads the run folder only, so it
 works on any run, old records included (their fixed cost is approximate, and marked)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("sweep-cost", help="fixed cost per cell and totals of a run folder (issue 7)")
+    p = sub.add_parser("sweep-cost", help="fixed cost per cell and totals of a run folder")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true", help="JSON instead of markdown")
     p.add_argument("--out", help="also write sweep-cost.md and sweep-cost.json into this folder")

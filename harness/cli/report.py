@@ -1,4 +1,4 @@
-"""``lora-harness report`` and ``lora-harness compare`` (issue 3), registered by
+"""``lora-harness report`` and ``lora-harness compare``, registered by
 ``harness.cli``. Thin: the work is in harness.report.build and harness.report.gate.
 
     lora-harness report RUN_DIR [RUN_DIR ...] [--out DIR]
@@ -91,7 +91,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     return out.exit_code
 
 
-# -- issue 8: serial vs parallel ---------------------------------------------------------
+# -- serial vs parallel ---------------------------------------------------------------
 def add_scale_commands(sub: argparse._SubParsersAction) -> None:
     agree = sub.add_parser("agree", help="do two runs of the same cells agree (e.g. serial vs --gpus 0,1)?",
                            description="Put each cell's tokens/s and peak memory from RUN_A and RUN_B side by side "

@@ -118,7 +118,7 @@ def quick_facts() -> dict[str, Any]:
         "compute_capability": cc,
         "bf16_supported": (float(cc) >= 8.0) if cc else (None if gpus else True),
         "bitsandbytes_installed": importlib.util.find_spec("bitsandbytes") is not None,
-        # issue 4: what the capability rules need beyond the above
+        # what the capability rules need beyond the above
         "packages": {p: _version(p) for p in RULE_PACKAGES},
         "torch_cuda_version": torch_cuda_build(),
         "driver_cuda_version": nvml_cuda_driver_version() if gpus else None,

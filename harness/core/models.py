@@ -78,7 +78,7 @@ def skip_modules(preset_or_none: dict[str, Any] | None) -> tuple[str, ...]:
     return ("lm_head",) + extra
 
 
-# -- vision-language presets (issue 6) ---------------------------------------------------
+# -- vision-language presets ----------------------------------------------------------
 # A preset with a ``vision_config`` in its config is a vision-language model. It also names
 # its vision tower (``vision_tower``: the module path, for LoRA targeting and FLOPs) and the
 # images a cell gets by default (``images``: count and edge length in pixels).

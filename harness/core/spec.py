@@ -17,7 +17,7 @@ from harness.core.errors import SpecError
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw8bit", "sgd")
 LOAD_MODES: tuple[str, ...] = ("auto", "config", "pretrained")
-# issue 8: how a cell with world_size > 1 spreads over its GPUs (DDP is the default).
+# How a cell with world_size > 1 spreads over its GPUs (DDP is the default).
 PARALLEL_STRATEGIES: tuple[str, ...] = ("ddp", "fsdp")
 
 
@@ -48,7 +48,7 @@ class LoraSpec:
 
 @dataclass(frozen=True)
 class WindowSpec:
-    """issue 7: an adaptive measured window (``harness.core.window.window_decision`` is the rule).
+    """An adaptive measured window (``harness.core.window.window_decision`` is the rule).
 
     The cell's ``steps`` is the minimum; after it the window stops as soon as the median
     of all measured step times so far has moved by at most ``stable_rel`` (relative to
@@ -97,18 +97,18 @@ class CellSpec:
     # Extra id component, set by the matrix when an axis that is normally constant over a
     # sweep (for example the step count) varies, so ids stay unique.
     tag: str = ""
-    # issue 5: emulate a GPU with this much memory (bytes; None: the whole device). Part
+    # Emulate a GPU with this much memory (bytes; None: the whole device). Part
     # of the id, so cells at different budgets are different cells (runs, --resume).
     vram_budget_bytes: int | None = None
     # Vision-language models: images per sample and their edge in pixels (square images);
     # None is the model preset's default (one 448 x 448 image for qwen2.5-vl-7b).
     image_count: int | None = None
     image_size_px: int | None = None
-    # issue 8: processes (GPUs) the cell runs on, launched by torchrun; and how they share
+    # Processes (GPUs) the cell runs on, launched by torchrun; and how they share
     # the work: "ddp" (default when world_size > 1) or "fsdp". None when world_size is 1.
     world_size: int = 1
     parallel: str | None = None
-    # issue 7: an adaptive measured window (None: exactly ``steps`` measured steps). Like
+    # An adaptive measured window (None: exactly ``steps`` measured steps). Like
     # ``steps`` it is a measurement setting, not part of the id.
     window: WindowSpec | None = None
     # The training stack (harness.core.axes.STACKS): "hf" is transformers + peft as they
@@ -193,7 +193,7 @@ class CellSpec:
             parts.append("lora-vision")
         if not self.lora.input_cast:
             parts.append("lora-nocast")
-        if self.world_size > 1:  # issue 8: e.g. /ws2-ddp
+        if self.world_size > 1:  # e.g. /ws2-ddp
             parts.append(f"ws{self.world_size}-{self.parallel}")
         if self.tag:
             parts.append(self.tag)
@@ -224,7 +224,7 @@ class CellSpec:
     def from_dict(cls, data: dict[str, Any]) -> "CellSpec":
         data = dict(data)
         lora = data.pop("lora", None) or {}
-        window = data.pop("window", None)  # absent in records older than issue 7
+        window = data.pop("window", None)  # absent in records written before adaptive windows
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

@@ -246,7 +246,7 @@ def _flash_attn(cell: CellSpec, facts: dict[str, Any]) -> str | None:
     return None
 
 
-# -- issue 8: torchrun cells (world_size > 1) -------------------------------------------
+# -- torchrun cells (world_size > 1) --------------------------------------------------
 
 SRC_FSDP2 = "torch.distributed.fsdp.fully_shard (FSDP2): parameters become DTensor shards"
 

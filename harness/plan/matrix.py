@@ -7,7 +7,7 @@ Presets (``--matrix``):
 
 Cells are ordered model, precision, checkpointing mode, batch size, then sequence length
 ascending, so that a sweep meets the short (cheap) cells of a row before the long ones;
-cells of several world sizes (issue 8) follow their one-GPU cell.
+cells of several world sizes (torchrun) follow their one-GPU cell.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class Axes:
     grad_ckpts: tuple[str, ...]
     batch_sizes: tuple[int, ...] = (1,)
     steps: tuple[int, ...] = (5,)
-    # issue 8: torchrun cells. A world size of 1 takes no strategy (one cell, whatever
+    # torchrun cells. A world size of 1 takes no strategy (one cell, whatever
     # ``parallels`` holds); each larger one is crossed with every strategy.
     world_sizes: tuple[int, ...] = (1,)
     parallels: tuple[str, ...] = ("ddp",)
@@ -89,7 +89,7 @@ def axes_for(preset: str, *, models: list[str], precision=None, seq_len=None, gr
     gcs = [normalize_grad_ckpt(x) for x in split_list(grad_ckpt)] or list(p["grad_ckpt"])
     bss = parse_ints(batch_size, "--batch-size") or [1]
     nsteps = parse_ints(steps, "--steps") or [default_steps]
-    wss = parse_ints(world_size, "--world-size") or [1]  # issue 8
+    wss = parse_ints(world_size, "--world-size") or [1]
     pars = [p.lower() for p in split_list(parallel)] or ["ddp"]
     bad = [p for p in pars if p not in PARALLEL_STRATEGIES]
     if bad:
@@ -111,7 +111,7 @@ def expand(axes: Axes, *, model_paths: dict[str, str | None] | None = None, lora
     order_p = {p: i for i, p in enumerate(PRECISIONS)}
     order_g = {g: i for i, g in enumerate(GRAD_CKPT_MODES)}
     tagged = len(axes.steps) > 1  # step count varies: put it in the ids
-    # issue 8: (world size, strategy) pairs; world size 1 once, without a strategy
+    # (world size, strategy) pairs; world size 1 once, without a strategy
     dist = list(dict.fromkeys((w, None if w == 1 else par) for w in axes.world_sizes for par in axes.parallels))
     cells = [
         CellSpec(model=m, precision=p, seq_len=s, grad_ckpt=g, batch_size=b, lora=lora or LoraSpec(),

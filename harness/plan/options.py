@@ -65,14 +65,14 @@ OPTIONS: tuple[Opt, ...] = (
                           "is recorded)", kind="float"),
     Opt("no-prune", "run cells that must run out of memory (a shorter cell of the same row already did) instead of "
                     "recording them as pruned OOMs", kind="flag"),
-    # issue 3: reports
+    # reports and baselines
     Opt("baseline", "after the sweep, compare its cells with this baseline run folder (comma list: several, pooled) "
                     "and fail on regression; the report goes to <run folder>/compare.md"),
     # (help texts go through argparse's %-formatting: a literal percent sign is %%)
     Opt("baseline-fail", "regression thresholds for --baseline, comma list of METRIC:+N%% or METRIC:-N%% (the sign "
                          "says which way is worse; default tokens_per_s:-5%%,peak_vram_bytes:+3%%); status changes "
                          "for the worse always regress"),
-    # issue 5: fit
+    # will it fit: budgets and the longest-context search
     Opt("vram-budget", "emulate GPUs of these memory sizes on the real one, comma list (24GiB, 24GB, 24000MiB; a bare "
                        "number is GiB); each cell runs once per budget and its id ends in /vram<size>; needs a CUDA "
                        "device"),
@@ -85,7 +85,7 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("time-limit", "start no new cell once this process has run this many seconds: the matrix's cells left are "
                       "not run and not recorded (pytest: skipped; --resume continues), fit's unfinished answers "
                       "are reported as not measured", kind="float"),
-    # issue 6: vlm
+    # vision-language models
     Opt("images", "vision-language models: images per sample (default: the model's; 1 for qwen2.5-vl-7b)",
         kind="int"),
     Opt("image-size", "vision-language models: edge of the square images in pixels, a multiple of patch x merge "
@@ -94,7 +94,7 @@ OPTIONS: tuple[Opt, ...] = (
                        "language model's only)", kind="flag"),
     Opt("lora-no-input-cast", "turn off peft's cast of each LoRA layer's input to the adapter's dtype (under autocast "
                               "it only duplicates shared inputs; ids end in /lora-nocast)", kind="flag"),
-    # issue 4: compat/stability (suites/test_compat.py, suites/test_stability.py; see harness/plan/suites.py).
+    # the compatibility and stability suites (suites/test_compat.py, suites/test_stability.py; see harness/plan/suites.py).
     # --precision, --grad-ckpt, --lr, --seed, --optimizer, --lora-*, --device and the run options apply to
     # these suites too; --seq-len, --steps, --warmup-steps, --batch-size, --load and --matrix do not.
     Opt("compat-model", "model of the compatibility suite (default: --model, else llama-3.2-1b with a GPU, "
@@ -114,18 +114,18 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("claims-seeds", "seeds of the claims' comparison cells (tokens/s, loss curves, peaks): --seed and the next "
                         "ones; a comparison is decided only outside their spread, so one seed decides none "
                         "(default 2)", kind="int"),
-    # issue 8: torchrun cells (harness/run/torchrun.py launches them, harness/cell/rank.py is each rank)
+    # torchrun cells (harness/run/torchrun.py launches them, harness/cell/rank.py is each rank)
     Opt("world-size", "processes (GPUs) per cell, comma list (default 1); a cell with more than one is launched "
                       "with torchrun, one rank per GPU (CPU hosts: gloo, one rank per process); its id ends in "
                       "/ws<N>-<strategy>"),
     Opt("parallel", "how a cell with --world-size > 1 spreads over its GPUs, comma list: ddp (default; every rank "
                     "holds the whole model) or fsdp (weights sharded, for a model that does not fit one GPU)"),
-    # issue 8: cells in parallel, one worker server pinned to each GPU (harness/plan/gpus.py, harness/run/pool.py)
+    # cells in parallel, one worker server pinned to each GPU (harness/plan/gpus.py, harness/run/pool.py)
     Opt("gpus", "run cells in parallel, one at a time per GPU, each worker pinned to its GPU: NVML indexes as "
                 "nvidia-smi shows them (0,1) or all (default: serial on the first visible GPU)"),
     Opt("baseline-across-gpus", "--baseline: also compare cells measured on different GPU models (default: a "
                                 "cell is compared only with the same cell on the same GPU model)", kind="flag"),
-    # issue 7: perf (harness.core.phases; the window's rule is in its docstring and benchmarks/README.md)
+    # how cells are measured (harness.core.phases; the window's rule is in its docstring and benchmarks/README.md)
     Opt("adaptive-steps", "adaptive measured window: --steps is the minimum; stop once the median step time is "
                           "stable, the window's time cap is reached, or at --max-steps", kind="flag"),
     Opt("max-steps", "adaptive window: most measured steps (default 50)", kind="int"),
@@ -167,9 +167,9 @@ class SweepConfig:
     nvml_period_s: float = 0.005
     prune: bool = True
     options: dict[str, Any] = field(default_factory=dict)
-    gpus: tuple = ()  # issue 8: harness.plan.gpus.GpuSlot per --gpus entry; () = serial, as before
-    int8_prequantized: bool = False  # issue 7
-    sampler_mode: str = "thread"  # issue 7
+    gpus: tuple = ()  # harness.plan.gpus.GpuSlot per --gpus entry; () = serial
+    int8_prequantized: bool = False  # int8 cells load a checkpoint quantised once, not at every load
+    sampler_mode: str = "thread"  # where the NVML sampler polls from: a thread, or its own process
     time_limit_s: float | None = None  # --time-limit: no new cell after this many seconds of the process
     shard: Any = None  # --shard: harness.plan.shard.ShardPlan (``cells`` is then this shard's part)
 
@@ -181,9 +181,9 @@ class SweepConfig:
 
     def worker_opts(self) -> dict[str, Any]:
         opts = {"device": self.device, "cache_dir": self.cache_dir, "nvml_period_s": self.nvml_period_s}
-        if self.int8_prequantized:  # issue 7
+        if self.int8_prequantized:
             opts["int8_prequantized"] = True
-        if self.sampler_mode != "thread":  # issue 7
+        if self.sampler_mode != "thread":
             opts["sampler_mode"] = self.sampler_mode
         return opts
 
@@ -212,7 +212,7 @@ def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
                                     ("target_modules", "lora-targets")) if v[n] is not None}
     fixed = {k: v[n] for k, n in (("warmup_steps", "warmup-steps"), ("lr", "lr"), ("optimizer", "optimizer"),
                                   ("load", "load"), ("seed", "seed")) if v[n] is not None}
-    # issue 6: vlm (image settings per cell; vision LoRA)
+    # vision-language models: image settings per cell; LoRA on the vision tower
     fixed.update({k: v[n] for k, n in (("image_count", "images"), ("image_size_px", "image-size")) if v[n] is not None})
     if v["lora-vision"]:
         lora_kw["include_vision"] = True
@@ -220,26 +220,26 @@ def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
         lora_kw["input_cast"] = False
     if v["compile"]:
         fixed["compile"] = True
-    window = window_from_options(v)  # issue 7: perf
+    window = window_from_options(v)
     if window is not None:
         fixed["window"] = window
     cells = expand(axes, model_paths={r.name: r.path for r in refs}, lora=LoraSpec(**lora_kw), **fixed)
-    cells = apply_vram_budgets(cells, v["vram-budget"], facts, gpu)  # issue 5: fit
-    cells = [check_cell(c) for c in cells]  # image settings against each model (issue 6)
+    cells = apply_vram_budgets(cells, v["vram-budget"], facts, gpu)  # a cell per budget
+    cells = [check_cell(c) for c in cells]  # lengths and image settings against each model
     timeout = v["cell-timeout"] if v["cell-timeout"] is not None else (900.0 if gpu else 300.0)
     if timeout <= 0:
         raise SpecError("--cell-timeout must be positive")
     period_ms = v["nvml-period-ms"] if v["nvml-period-ms"] is not None else 5.0
-    if period_ms < 0:  # issue 7: 0 turns the sampler off
+    if period_ms < 0:  # 0 turns the sampler off (its own cost is measured against that)
         raise SpecError("--nvml-period-ms must be positive, or 0 to turn the sampler off")
-    sampler_mode = (v["sampler-mode"] or "thread").lower()  # issue 7
+    sampler_mode = (v["sampler-mode"] or "thread").lower()
     if sampler_mode not in ("thread", "process"):
         raise SpecError(f"--sampler-mode must be thread or process, got {v['sampler-mode']!r}")
     if period_ms == 0 and v["vram-budget"]:
         raise SpecError("--vram-budget judges cells by the sampled NVML peak: it needs --nvml-period-ms > 0")
     if v["time-limit"] is not None and v["time-limit"] <= 0:
         raise SpecError("--time-limit must be positive")
-    gpus = parse_gpus(v["gpus"], facts, device)  # issue 8
+    gpus = parse_gpus(v["gpus"], facts, device)
     if gpus and any(c.world_size > 1 for c in cells):
         raise SpecError("--gpus runs one-GPU cells side by side; cells with --world-size above 1 take the host's "
                         "GPUs through torchrun: run them in a separate sweep without --gpus")
@@ -256,7 +256,7 @@ def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
 
 
 def window_from_options(v: dict[str, Any]) -> WindowSpec | None:
-    """issue 7: the adaptive window the options ask for (None: a fixed window). The window's
+    """The adaptive window the options ask for (None: a fixed window). The window's
     own options without --adaptive-steps are an error, never silently ignored."""
     given = {k: v.get(k) for k in ("max-steps", "window-time-cap", "stable-rel") if v.get(k) is not None}
     if not v.get("adaptive-steps"):

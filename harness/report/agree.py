@@ -1,4 +1,4 @@
-"""Do two runs of the same cells agree? (issue 8: serial against parallel.) Pure module:
+"""Do two runs of the same cells agree (serial against parallel, host against host)? Pure module:
 frames in, verdicts and text out; no torch.
 
 Running cells in parallel must not change what a cell measures: ``lora-harness agree

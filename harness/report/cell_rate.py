@@ -1,4 +1,4 @@
-"""Cells per hour of a run folder (issue 8). Pure module: run.json and records in, numbers
+"""Cells per hour of a run folder. Pure module: run.json and records in, numbers
 and lines out; no pandas, no torch.
 
 A sweep run with ``--gpus`` writes what it measured into its invocation in ``run.json``

@@ -285,7 +285,7 @@ def status_verdict(cell_id: str, before: str, after: str) -> CellVerdict | None:
 
 
 def by_gpu_model(baseline: pd.DataFrame, current: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """issue 8: a cell is compared only with the same cell on the same GPU model. Where
+    """A cell is compared only with the same cell on the same GPU model. Where
     the two sides hold more than one GPU model, each record's cell id gets its model
     (``llama-3.1-8b/bf16/s2048/gc-off @ NVIDIA H200``), so cells measured on different
     GPU models never match; returns the frames and the models of each side."""
@@ -308,7 +308,7 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame, thresholds: Sequence[
             allow_missing: bool = False, across_gpus: bool = False) -> Comparison:
     """Judge every cell of ``current`` against ``baseline`` (frames of every record, as
     ``harness.report.load.load_run_set(...).records``). Cells are matched on the same GPU
-    model only unless ``across_gpus`` (issue 8)."""
+    model only unless ``across_gpus``."""
     check_metrics(thresholds, baseline, current)
     b_models = sorted(set(baseline.get("gpu_model", pd.Series(dtype=object)).dropna().astype(str)))
     c_models = sorted(set(current.get("gpu_model", pd.Series(dtype=object)).dropna().astype(str)))

@@ -1,4 +1,4 @@
-"""The same matrix on several GPU models, side by side (issue 8: runs from many hosts).
+"""The same matrix on several GPU models, side by side (runs from many hosts).
 
 ``lora-harness report runA runB ...`` over runs made on different GPU models (an H100 box,
 an A100 box, a 24 GB consumer card) gets a section where each cell is a row and each GPU

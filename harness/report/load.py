@@ -55,7 +55,7 @@ class RunInfo:
     commands: tuple[str, ...] = ()
     n_records: int = 0
     device_label: str = "?"
-    gpu_model: str = "?"  # issue 8: the GPU model its cells ran on ("cpu" for CPU runs)
+    gpu_model: str = "?"  # the GPU model its cells ran on ("cpu" for CPU runs)
     digest: str = ""  # of results.jsonl: the same run copied to two places is read once
 
 
@@ -194,7 +194,7 @@ def _row(rec: dict[str, Any], info: RunInfo, index: int) -> dict[str, Any]:
     row["device_label"] = (str(rec.get("device_name")) if own == "cuda" and rec.get("device_name")
                            else f"CPU ({rec.get('hostname') or info.env.get('hostname') or '?'})" if own == "cpu"
                            else info.device_label)
-    row["gpu_model"] = gpu_model_of(rec, info.gpu_model)  # issue 8: a dimension of merged runs
+    row["gpu_model"] = gpu_model_of(rec, info.gpu_model)  # a dimension of merged runs
     if row.get("device_total_bytes") is None and not row["device_label"].startswith("CPU"):
         row["device_total_bytes"] = _device_total(info.env)
     return row
@@ -248,7 +248,7 @@ def _sort_key(col: pd.Series) -> pd.Series:
 
 
 def expand_run_paths(paths: Sequence[str | os.PathLike]) -> tuple[list[str | os.PathLike], list[str]]:
-    """Run folders from what people pass (issue 8: runs collected from many hosts).
+    """Run folders from what people pass (runs collected from many hosts).
 
     - a glob pattern the shell did not expand (quoted: ``'/shared/lora-runs/*'``): its
       matches;
@@ -300,7 +300,7 @@ def load_run_set(paths: Sequence[str | os.PathLike]) -> RunSet:
             notes.append(f"{info.path} given twice; read once")
             continue
         seen.add(info.path)
-        if info.digest and info.digest in digests:  # issue 8: a run synced to two places
+        if info.digest and info.digest in digests:  # a run synced to two places
             notes.append(f"{info.path} holds the same records as {digests[info.digest]} (a copy); read once")
             continue
         if info.digest:

@@ -1,4 +1,4 @@
-"""Tables of the harness's own performance (issue 7). Pure: records in, rows and markdown
+"""Tables of the harness's own performance (overhead, repeatability, sweep cost). Pure: records in, rows and markdown
 out (no torch; reading a run folder is the only I/O, in ``sweep_cost_of_run``).
 
 - **sweep cost** (``lora-harness sweep-cost RUN_DIR``): per cell its fixed cost (wall time
@@ -26,7 +26,7 @@ from harness.core.axes import is_quantised
 from harness.core.phases import PHASES, fixed_cost, phase_field, spread, warmup_and_measured
 from harness.core.fmt import fmt_gib, markdown_table
 
-# issue 7's targets
+# the targets of the harness's own performance (benchmarks/README.md)
 TARGET_OVERHEAD_SPEED = 0.03  # harness tokens/s within 3% of the bare loop's
 TARGET_OVERHEAD_MEMORY = 0.01  # harness torch peak allocated within 1% of the bare loop's
 TARGET_SAMPLER = 0.01  # the NVML sampler costs under 1% of throughput
@@ -69,7 +69,7 @@ def cell_cost(record: dict[str, Any]) -> dict[str, Any]:
            "measured_steps": record.get("measured_steps", len(record.get("step_times_s") or [])),
            "window_rule": record.get("window_rule"), "load_time_s": record.get("load_time_s"),
            # a cell that wrote the synthetic checkpoint pays for it once per cache folder
-           # (records from before issue 7 only show it as a long checkpoint_prepare_s)
+           # (records from before the phase timers only show it as a long checkpoint_prepare_s)
            "checkpoint_written": bool(record.get("checkpoint_written_before_cell")
                                       or record.get("checkpoint_written_in_cell"))
            or (record.get("checkpoint_prepare_s") or 0) > 1.0,
@@ -138,7 +138,7 @@ def sweep_cost_of_run(run_dir: str | Path) -> dict[str, Any]:
     read = lambda name: json.loads((d / name).read_text()) if (d / name).is_file() else None  # noqa: E731
     env = read("env.json") or {}
     if env.get("worker_start_s") is None and (d / "console.log").is_file():
-        # runs from before issue 7 printed the server's start only
+        # runs from before the phase timers printed the server's start only
         m = re.search(r"worker server ready in ([0-9.]+) s", (d / "console.log").read_text(errors="replace"))
         if m:
             env = dict(env, worker_start_s=float(m.group(1)), worker_start_from="console.log")
