@@ -55,7 +55,7 @@ def test_reference_run_resumes(run, tmp_path):
     cfg = build_config({"run_dir": str(copy), "resume": True, "device": "cpu"}, facts)
     sweep = Sweep(cfg, facts, out=lambda s: None)
     replayed = [sweep.run(c) for c in cells]
-    assert all(r["resumed"] for r in replayed) and sweep.runner is None  # no worker started
+    assert all(r["resumed"] for r in replayed) and sweep.launcher is None  # no worker started
     assert (copy / "results.jsonl").read_bytes() == before
 
 

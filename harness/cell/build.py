@@ -336,6 +336,21 @@ def load_model(spec, *, load_kwargs: dict[str, Any], device: str, cache_dir: str
     return model, info
 
 
+def wait_for_writers(cache_dir: str | None = None) -> float:
+    """Wait until no process is writing a synthetic checkpoint into this cache (each writer
+    holds its checkpoint's lock): a cell must not measure while another process builds a
+    model on the same GPU. Returns the seconds waited."""
+    folder = cache_root(cache_dir) / "checkpoints"
+    if not folder.is_dir():
+        return 0.0
+    t0 = time.perf_counter()
+    for lock_path in sorted(folder.glob(".*.lock")):
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_SH)  # blocks while a writer holds it exclusively
+    waited = time.perf_counter() - t0
+    return waited if waited > 0.05 else 0.0
+
+
 def write_ahead(model: str, *, int8: bool = False, cache_dir: str | None = None) -> int:
     """Write a preset's synthetic checkpoint (and its int8 one) before a sweep needs it, so
     a fresh GPU host writes it while the worker server imports its libraries. Cells that

@@ -95,7 +95,11 @@ def write_checkpoints(spec: CellSpec, opts: dict[str, Any], out: dict[str, Any])
     if opts.get("device", "auto") == "cpu":
         return
     from harness.cell.budget_guard import prepare_checkpoint
+    from harness.cell.build import wait_for_writers
 
+    waited = wait_for_writers(opts.get("cache_dir"))
+    if waited:  # a checkpoint written ahead of the sweep (gpu-host.sh WRITE_AHEAD) holds the GPU until done
+        out["waited_for_checkpoint_writer_s"] = round(waited, 3)
     if prepare_checkpoint(spec, opts):
         out["checkpoint_written_before_cell"] = True
     if prequantized_int8(spec, opts):

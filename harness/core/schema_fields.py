@@ -105,6 +105,8 @@ _TRUST = (
     F("gpu_kernels_per_step", "int", None, "quality", "kernels the profiled step launched", since=2),
     F("gpu_kernel_median_us", "float", "us", "quality", "the profiled step's median kernel duration", since=2),
     F("gpu_busy_error", "str", None, "quality", "why the profiled step gave no busy fraction", since=2),
+    F("waited_for_checkpoint_writer_s", "float", "s", "quality", "seconds the cell waited, before measuring "
+      "anything, for a synthetic checkpoint another process was writing on the same host", since=2),
     F("quality_notes", "list", None, "quality", "why a cell's speed figures are not to be compared (unstable, "
       "host busy, host-bound); absent when none", since=2),
 )

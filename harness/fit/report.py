@@ -47,8 +47,9 @@ def build(search: FitSearch) -> dict[str, Any]:
                                   "holdout_longest": None if hl is None else hl.to_dict()}
         preds = []
         for a in answers:
-            preds.append({"budget_bytes": a.budget_bytes, "predicted_longest": search.guess(row, a.budget_bytes,
-                                                                                            capped=False)})
+            before = search.predicted.get((key, a.budget_bytes)) or {}
+            preds.append({"budget_bytes": a.budget_bytes, "before_search": before,
+                          "predicted_longest": search.guess(row, a.budget_bytes, capped=False)})
         probes = [r for r in recs if (r.get("spec") or {}).get("vram_budget_bytes") and r.get("status") == "ok"]
         worst = max(probes, key=lambda r: (r.get("peak_vram_bytes") or 0) / r["spec"]["vram_budget_bytes"],
                     default=None)
@@ -105,6 +106,27 @@ def predicted_table(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return ["VRAM budget"] + heads, rows
 
 
+def before_search_table(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Each memory model's prediction, made before the search ran a cell of the row under
+    the budget, beside the measured answer and its error (harness.fit.evaluate)."""
+    rows = []
+    for r in data["rows"]:
+        for pr in r["predictions"]:
+            before = pr.get("before_search") or {}
+            a = next((x for x in r["answers"] if x["budget_bytes"] == pr["budget_bytes"]), None)
+            if not before or a is None:
+                continue
+            measured = a["longest"] if a["status"] == "found" else None
+            cols = []
+            for m in ("allocated", "reserved"):
+                v = before.get(m)
+                err = f" ({(v - measured) / measured:+.0%})" if v is not None and measured else ""
+                cols.append("-" if v is None else f"{v:,}{err}")
+            rows.append([r["row"], f"{pr['budget_bytes'] / GIB:g} GiB",
+                         answer_text(a["status"], a["longest"], r["max_seq_len"]), *cols])
+    return ["row", "budget", "measured", "allocated + 512 MiB", "allocated + gap to reserved"], rows
+
+
 def text(data: dict[str, Any]) -> str:
     s = data["search"]
     h, rows = measured_table(data)
@@ -126,6 +148,10 @@ def markdown(data: dict[str, Any], title: str) -> str:
           "memory under the budget, with the next length confirmed to fail; `OOM`: even the shortest failed; "
           "`>=N (cap)`: the search's longest length fitted.", "", markdown_table(h, rows), "",
           "## Memory model predictions (not measured)", "", markdown_table(ph, prow), "",
+          "## Predicted before the search, against the answer", "",
+          "Made before any cell of the row ran under the budget, from its cells without a budget "
+          "(harness.fit.evaluate); the error is the prediction's against the measured answer.", "",
+          markdown_table(*before_search_table(data)), "",
           f"Search: {s['cells_run']} cells run, {s['cells_reused']} reused from the run folder; cells took "
           f"{fmt_duration(s['cell_wall_time_s'])}, the search {fmt_duration(s['elapsed_s'])}.", "",
           "## Memory model per row", "", markdown_table(

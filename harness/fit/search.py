@@ -163,6 +163,9 @@ class FitSearch:
         if self.started_at is None:
             self.started_at = self.t0
         self.answers: dict[tuple[tuple, int], Answer] = {}
+        # (row, budget) -> each memory model's longest length, predicted before the search
+        # ran a cell there (harness.fit.evaluate.predict); fit.md holds them beside the answers
+        self.predicted: dict[tuple[tuple, int], dict[str, int | None]] = {}
         self.rows: dict[tuple, CellSpec] = {}
         self.cells_run = 0
         self.cells_reused = 0
@@ -227,6 +230,11 @@ class FitSearch:
     def solve(self, row: CellSpec, budget: int) -> Answer:
         key = (fitlib.row_key(row.to_dict()), budget)
         self.rows.setdefault(key[0], row)
+        if key not in self.predicted:  # stored before any cell of this (row, budget) runs
+            from harness.fit.evaluate import predict
+
+            grid = fitlib.Grid(self.grid(row).granularity, 10 ** 7)
+            self.predicted[key] = predict(self.records + self.prior, row, budget, grid)
         history: list[tuple[int, bool]] = []
         probes: list[str] = []
         label = f"{row_label(row)} @ {budget / 2 ** 30:g} GiB"
