@@ -162,7 +162,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtestloop(session: pytest.Session) -> None:
     """With --gpus, run the selected cells over the GPUs before the first test;
-    each test then reports its cell's record (harness.run.pool; NOTES.md says why not xdist).
+    each test then reports its cell's record (harness.run.pool; docs/decisions.md says why not xdist).
     Returns None, so pytest's own loop then runs the tests as usual."""
     s = harness_session(session.config)
     if not session.config.getoption("lh_gpus") or session.config.option.collectonly or session.testsfailed:

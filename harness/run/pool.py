@@ -23,7 +23,7 @@ of them, so ``--resume`` runs them again.
 
 The pytest plugin uses the same pool: with ``--gpus`` it runs the session's selected
 cells through it before the first test (``Sweep.prerun``), and each test then reports its
-cell's record (see ``harness.pytest_plugin.pytest_runtestloop`` and NOTES.md for why not
+cell's record (see ``harness.pytest_plugin.pytest_runtestloop`` and docs/decisions.md for why not
 pytest-xdist). A cell run outside a pooled pass goes to the first GPU of the list.
 """
 
