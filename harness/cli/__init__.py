@@ -72,7 +72,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _config(ns: argparse.Namespace):
-    facts = env_mod.quick_facts()
+    from harness.run import sweep_facts
+
+    facts = sweep_facts(vars(ns))  # with --ray a GPU node's, so `cells` lists what `run` runs
     return build_config(vars(ns), facts), facts
 
 
@@ -94,6 +96,8 @@ def cmd_run(ns) -> int:
     where = facts["gpu_name"] if facts["has_gpu"] and cfg.device != "cpu" else "CPU (no GPU found)" if not facts["has_gpu"] else "CPU (--device cpu)"
     if cfg.gpus:  # one worker server pinned to each GPU, cells in parallel
         where = ", ".join(f"{g.label} ({g.name})" for g in cfg.gpus)
+    if cfg.ray is not None:  # one worker per GPU of the cluster
+        where = f"{cfg.ray.describe()} ({facts.get('gpu_name') or 'cells on the CPU'})"
     if cfg.shard:  # the split decided this shard's cells; none is a success, not an error
         print(f"lora-harness: {cfg.shard.describe()}", flush=True)
         if not cfg.cells:
