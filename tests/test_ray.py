@@ -105,6 +105,8 @@ class _FakeWorker:
             raise Lost("ActorDiedError: the actor died unexpectedly")
         if then == "fail":
             raise RuntimeError("RunnerError: the worker server did not start")
+        if then == "hang":  # a node that stopped answering without being declared dead
+            time.sleep(1.5)
         status = "oom" if cell.seq_len >= 128 else "ok"
         return Launched({"status": status, "tokens_per_s": 100.0 if status == "ok" else None}, 0.5, "", 0)
 
@@ -218,6 +220,19 @@ def test_a_worker_that_cannot_run_cells_leaves_and_the_others_go_on(tmp_path):
     assert any("a worker did not start (RuntimeError: its fork server did not start)" in ln for ln in lines)
     recs = sweep.store.records()
     assert recs[0]["cell_id"] == failing and recs[0]["status"] == "crash" and "failed" in recs[0]["error"]
+
+
+def test_a_cell_never_answered_for_counts_as_lost(tmp_path):
+    hung = "tiny-llama/fp32/s64/gc-off"
+    cluster = _FakeCluster(2, script={hung: ["hang"]})
+    cluster.grace_s = 0.2
+    lines = []
+    cfg = build_config({"lh_precision": "fp32", "lh_seq_len": "64", "lh_grad_ckpt": "off", "lh_cell_timeout": 0.1,
+                        "lh_run_dir": str(tmp_path / "run")}, CPU)
+    with Sweep(cfg, CPU, out=lines.append, executor=RemoteExecutor(cluster)) as sweep:
+        recs = sweep.run_jobs([(c, None, False) for c in cfg.cells])
+    assert [(r["status"], r["ray_requeued"]) for r in recs] == [("ok", 1)]
+    assert any("no answer within the cell's time limit + 0.2 s" in ln for ln in lines)
 
 
 def test_a_replacement_takes_over_and_nothing_runs_once_interrupted(tmp_path):

@@ -14,8 +14,9 @@ imports ray lazily (only when ``--ray`` is given) and never torch.
 - A worker is lost when Ray says its actor, its worker process or its node died
   (``RayActorError``, which ``ActorDiedError`` and ``ActorUnavailableError`` derive from;
   ``WorkerCrashedError``; ``NodeDiedError``; ``ObjectLostError``; ``OwnerDiedError``;
-  ``LocalRayletDiedError``: ``ray.exceptions`` of Ray 2.9 to 2.60), or when its fork
-  server died under a cell. A new actor takes its place wherever a GPU is free.
+  ``LocalRayletDiedError``: ``ray.exceptions`` as of Ray 2.60; a name an older Ray lacks
+  is skipped), or when its fork server died under a cell. A new actor takes its place
+  wherever a GPU is free.
 """
 
 from __future__ import annotations

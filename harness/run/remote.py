@@ -275,7 +275,9 @@ class RemoteExecutor:
                 h = w.submit(cell, sweep.config.worker_opts(), timeout, log_path)
             except Exception as exc:  # noqa: BLE001 - a worker gone before it took the cell
                 pending.insert(0, job)
-                self._replace(sweep, w, f"it could not take a cell ({one_line(exc)})")
+                sweep.out(f"lora-harness: warning: {w.label} could not take {cell.cell_id} ({one_line(exc)}); "
+                          "it is replaced")
+                self._replace(sweep, w)
                 continue
             self.flights[h] = _Flight(d, job, w, log_path, time.monotonic() + timeout + self.cluster.grace_s)
 
@@ -336,9 +338,10 @@ class RemoteExecutor:
             pending.sort(key=lambda j: order[j[0].cell_id])
             note = f"it runs again ({len(reasons)}/{self.max_lost - 1} retries)"
         sweep.out(f"lora-harness: warning: {f.worker.label} was lost while running {cell.cell_id} ({why}); {note}")
-        self._replace(sweep, f.worker, "lost")
+        self._replace(sweep, f.worker)
 
-    def _replace(self, sweep: Steps, w: Remote, why: str) -> None:
+    def _replace(self, sweep: Steps, w: Remote) -> None:
+        """Stop ``w`` and start a new worker wherever the cluster has a free GPU."""
         self._stop(w, graceful=False)
         if self.replacements_left <= 0:
             sweep.out(f"lora-harness: warning: {w.label} is not replaced: {self.max_lost} workers per GPU were lost")
