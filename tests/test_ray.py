@@ -409,10 +409,17 @@ def test_a_killed_worker_process_and_fork_server_are_survived(serial_and_ray):
     assert "was lost while running tiny-llama/bf16/s16384/gc-off (the fork server on" in out
     t = json.loads((ray_dir / "run.json").read_text())["invocations"][-1]["throughput"]
     assert t["requeued"] == 2 and t["cluster"]["gpus"] == 2
-    assert len(json.loads((ray_dir / "env.json").read_text())["workers"]) == 4  # two replacements joined
-    left = [p for p in os.listdir("/proc") if p.isdigit() and mark.encode() in _read(p, "environ")
-            and b"harness.cell" in _read(p, "cmdline")]
-    assert not left  # no fork server or cell left behind on the cluster
+    # replacements join when they are ready: before the last cell or, on a slow host, not at all
+    assert 2 <= len(json.loads((ray_dir / "env.json").read_text())["workers"]) <= 4
+
+    def left():  # fork servers and cells of this cluster still running
+        return [p for p in os.listdir("/proc") if p.isdigit() and mark.encode() in _read(p, "environ")
+                and b"harness.cell" in _read(p, "cmdline")]
+
+    deadline = time.monotonic() + 30  # a server stopped while still importing leaves once it reads its input
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left()  # nothing left behind on the cluster
     print(f"serial and Ray sweeps side by side: {took:.0f} s")
 
 
