@@ -235,6 +235,24 @@ def test_a_cell_never_answered_for_counts_as_lost(tmp_path):
     assert any("no answer within the cell's time limit + 0.2 s" in ln for ln in lines)
 
 
+def test_run_ends_with_one_line_when_no_worker_is_left(tmp_path, monkeypatch, capsys):
+    import harness.run
+    from harness.cli import main
+
+    class _Sweep:
+        records, store = [{"cell_id": "a"}], type("S", (), {"dir": tmp_path})()
+        open_store = close = lambda self: None
+
+        def run_all(self):
+            raise RunnerError("no worker is usable any more; 3 cell(s) not run (rerun with --resume)")
+
+    monkeypatch.setattr(harness.run, "open_sweep", lambda *a, **k: _Sweep())
+    assert main(["run", "--seq-len", "32"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lora-harness: error: no worker is usable any more" in err
+    assert f"1 cells recorded in {tmp_path}" in err
+
+
 def test_a_replacement_takes_over_and_nothing_runs_once_interrupted(tmp_path):
     cluster = _FakeCluster(1, script={"tiny-llama/bf16/s64/gc-off": ["lost"]})
     cfg, sweep, _ = _sweep(tmp_path, cluster, lengths="64")

@@ -90,6 +90,7 @@ def cmd_cells(ns) -> int:
 
 def cmd_run(ns) -> int:
     from harness.run import open_sweep
+    from harness.run.forkserver import RunnerError
 
     cfg, facts = _config(ns)
     baseline = _baseline_check(cfg)  # checked before anything runs
@@ -111,6 +112,10 @@ def cmd_run(ns) -> int:
         print(f"\ninterrupted: {len(sweep.records)} cells recorded in {sweep.store.dir if sweep.store else '?'}; "
               "rerun with --resume to continue", file=sys.stderr)
         return 130
+    except RunnerError as exc:  # no worker left (a GPU pool's servers, a Ray cluster's nodes): what ran is kept
+        print(f"lora-harness: error: {exc}; {len(sweep.records)} cells recorded in "
+              f"{sweep.store.dir if sweep.store else '?'}", file=sys.stderr)
+        return 1
     finally:
         sweep.close()
     print()
