@@ -359,23 +359,31 @@ def ray_cluster(tmp_path_factory):
     log.close()
 
 
+def _cli_run(run_dir, *extra, env=ENV):
+    return subprocess.Popen([sys.executable, "-m", "harness", "run", *extra, *CELLS, "--run-dir", str(run_dir)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 @pytest.fixture(scope="module")
-def serial_and_ray(ray_cluster, tmp_path_factory):
+def serial_started(tmp_path_factory):
+    """The serial sweep, started first: it runs while the cluster starts."""
+    run_dir = tmp_path_factory.mktemp("serial") / "run"
+    return _cli_run(run_dir), run_dir, time.monotonic()
+
+
+@pytest.fixture(scope="module")
+def serial_and_ray(serial_started, ray_cluster, tmp_path_factory):
     """The same sweep serially and on the cluster (``--ray ADDRESS``), side by side; the Ray
     one loses a worker process and a fork server mid-row."""
-    address, mark = ray_cluster
-    base = tmp_path_factory.mktemp("runs")
+    (serial, serial_dir, t0), (address, mark) = serial_started, ray_cluster
+    ray_dir = tmp_path_factory.mktemp("ray") / "run"
     killer = Killer(mark)
     killer.start()
-    t0 = time.monotonic()
-    procs = {name: subprocess.Popen([sys.executable, "-m", "harness", "run", *extra, *CELLS, "--run-dir",
-                                     str(base / name)], cwd=ROOT, env=dict(ENV, RAY_AUTH_MODE="disabled"),
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for name, extra in (("ray", ("--ray", address)), ("serial", ()))}
-    outs = {name: p.communicate(timeout=240)[0] for name, p in procs.items()}
+    ray = _cli_run(ray_dir, "--ray", address, env=dict(ENV, RAY_AUTH_MODE="disabled"))
+    outs = {"ray": ray.communicate(timeout=240)[0], "serial": serial.communicate(timeout=240)[0]}
     killer.stop.set()
-    return {name: (procs[name].returncode, outs[name], base / name) for name in procs}, killer.killed, \
-        time.monotonic() - t0, mark
+    runs = {"ray": (ray.returncode, outs["ray"], ray_dir), "serial": (serial.returncode, outs["serial"], serial_dir)}
+    return runs, killer.killed, time.monotonic() - t0, mark
 
 
 @pytest.mark.slow
