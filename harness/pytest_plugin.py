@@ -161,11 +161,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtestloop(session: pytest.Session) -> None:
-    """With --gpus, run the selected cells over the GPUs before the first test;
-    each test then reports its cell's record (harness.run.pool; docs/decisions.md says why not xdist).
-    Returns None, so pytest's own loop then runs the tests as usual."""
+    """With --gpus (or --ray), run the selected cells over the GPUs before the first test;
+    each test then reports its cell's record (harness.run.pool, harness.run.remote;
+    docs/decisions.md says why not xdist). Returns None, so pytest's own loop then runs the tests as usual."""
     s = harness_session(session.config)
-    if not session.config.getoption("lh_gpus") or session.config.option.collectonly or session.testsfailed:
+    spread = session.config.getoption("lh_gpus") or session.config.getoption("lh_ray")
+    if not spread or session.config.option.collectonly or session.testsfailed:
         return None
     jobs = []
     for item in session.items:

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from harness.core import host as env_mod
 from harness.core import schema
 from harness.core.errors import SpecError
 from harness.core.record import outcome_for
@@ -57,7 +56,12 @@ class HarnessSession:
     @property
     def facts(self) -> dict[str, Any]:
         if self._facts is None:
-            self._facts = env_mod.quick_facts()
+            from harness.run import sweep_facts
+
+            try:  # with --ray a GPU node's facts, not this host's
+                self._facts = sweep_facts(option_values(self.pyconfig))
+            except SpecError as exc:
+                raise pytest.UsageError(f"lora-harness: {exc}") from None
         return self._facts
 
     @property

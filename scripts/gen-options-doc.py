@@ -45,6 +45,8 @@ GROUPS: list[tuple[str, str, list[str]]] = [
      ["compat-model", "compat-seq-len", "compat-steps", "compat-load", "stability-model", "stability-seq-len",
       "stability-steps"]),
     ("Several GPUs", "[multi-gpu.md](multi-gpu.md).", ["world-size", "parallel", "gpus"]),
+    ("Several machines", "One sweep split into shards, or spread over a Ray cluster ([clusters.md](clusters.md)).",
+     ["shard", "shard-history", "ray"]),
     ("Measurement", "How figures are taken ([measurements.md](measurements.md)).",
      ["nvml-period-ms", "sampler-mode", "adaptive-steps", "max-steps", "window-time-cap", "stable-rel",
       "int8-prequantized"]),

@@ -72,7 +72,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _config(ns: argparse.Namespace):
-    facts = env_mod.quick_facts()
+    from harness.run import sweep_facts
+
+    facts = sweep_facts(vars(ns))  # with --ray a GPU node's, so `cells` lists what `run` runs
     return build_config(vars(ns), facts), facts
 
 
@@ -88,12 +90,15 @@ def cmd_cells(ns) -> int:
 
 def cmd_run(ns) -> int:
     from harness.run import open_sweep
+    from harness.run.forkserver import RunnerError
 
     cfg, facts = _config(ns)
     baseline = _baseline_check(cfg)  # checked before anything runs
     where = facts["gpu_name"] if facts["has_gpu"] and cfg.device != "cpu" else "CPU (no GPU found)" if not facts["has_gpu"] else "CPU (--device cpu)"
     if cfg.gpus:  # one worker server pinned to each GPU, cells in parallel
         where = ", ".join(f"{g.label} ({g.name})" for g in cfg.gpus)
+    if cfg.ray is not None:  # one worker per GPU of the cluster
+        where = f"{cfg.ray.describe()} ({facts.get('gpu_name') or 'cells on the CPU'})"
     if cfg.shard:  # the split decided this shard's cells; none is a success, not an error
         print(f"lora-harness: {cfg.shard.describe()}", flush=True)
         if not cfg.cells:
@@ -107,6 +112,10 @@ def cmd_run(ns) -> int:
         print(f"\ninterrupted: {len(sweep.records)} cells recorded in {sweep.store.dir if sweep.store else '?'}; "
               "rerun with --resume to continue", file=sys.stderr)
         return 130
+    except RunnerError as exc:  # no worker left (a GPU pool's servers, a Ray cluster's nodes): what ran is kept
+        print(f"lora-harness: error: {exc}; {len(sweep.records)} cells recorded in "
+              f"{sweep.store.dir if sweep.store else '?'}", file=sys.stderr)
+        return 1
     finally:
         sweep.close()
     print()

@@ -39,6 +39,8 @@ def cmd_fit(values: dict[str, Any], facts: dict[str, Any], *, dry_run: bool, com
     if cfg.shard:  # a search decides its next cell from the last one: there is no fixed list to split
         raise FitUsageError("--shard splits the cells of run and pytest suites/; fit searches one row at a time "
                             "(split a fit by --model or --budgets instead)")
+    if cfg.ray is not None:  # the same reason as --gpus: one search, one GPU
+        raise FitUsageError("fit runs its search on one GPU; --ray is for run and the matrix suites")
     if cfg.gpus:  # the pool runs matrices; a search decides its next cell from the last one
         raise FitUsageError("fit runs its search on one GPU; --gpus is for run and the matrix suites "
                             "(pin a search with CUDA_VISIBLE_DEVICES=<index>)")

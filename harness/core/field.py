@@ -13,7 +13,7 @@ TYPES: tuple[str, ...] = ("int", "float", "str", "bool", "list", "object")
 # Groups in the order the documentation shows them.
 GROUPS: tuple[str, ...] = ("identity", "axes", "outcome", "speed", "compute", "energy", "memory", "budget",
                            "phases", "load", "precision", "loss", "proofs", "inputs", "vlm", "host", "gpu-pool",
-                           "dist", "quality")
+                           "ray", "dist", "quality")
 
 
 @dataclass(frozen=True)

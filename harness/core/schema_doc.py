@@ -63,6 +63,7 @@ GROUP_TITLES = {
     "energy": "Energy", "memory": "Memory", "budget": "VRAM budget", "phases": "Phase timers",
     "load": "Loading", "precision": "Precision", "loss": "Loss", "proofs": "Proofs (layers, checkpointing)",
     "inputs": "Inputs", "vlm": "Vision-language cells", "host": "Host and device", "gpu-pool": "GPU pool (`--gpus`)",
+    "ray": "Ray cluster (`--ray`)",
     "dist": "Multi-GPU cells (torchrun)",
 }
 
@@ -122,6 +123,15 @@ Pruned and predicted-unsupported records of a `--gpus` run never started: they c
 `gpu_pool` but no `gpu_index`. An invocation made with `--gpus` adds `throughput` to
 run.json (cells run, their wall time, cells per hour, the worker servers' start), and
 env.json gets `gpu_pool` (per GPU: index, UUID, name, worker mode, preload time).""",
+    "ray": """\
+A `--ray` record of a cell that ran also carries the GPU fields above (`gpu_index`,
+`gpu_uuid`, `gpu_pin_mismatch`; no `gpu_pool`), for the GPU of its node, and `hostname` is
+its node's. Cells recorded without running (pruned, predicted unsupported, replayed) have
+none of them. A worker lost under a cell does not make a record: the cell runs again, and
+after three losses it is recorded as `crash` with the reasons. The invocation's
+`throughput` in run.json names the workers (`node:gpuN`), the cluster (`ray`, `nodes`,
+`gpus`) and how many runs were lost (`requeued`); env.json is the first worker's node's,
+with `workers` listing every worker (node, IP, GPU, fork server mode).""",
     "dist": """\
 A cell with `spec.world_size` N > 1 runs as N torchrun ranks; each writes the fields above
 for its own process and the record merges them. Other worker fields (`loaded_layers`,

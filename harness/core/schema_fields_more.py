@@ -84,7 +84,7 @@ _INPUTS = (
 )
 
 _HOST = (
-    F("hostname", "str", None, "host", "the host the sweep ran on"),
+    F("hostname", "str", None, "host", "the host the cell ran on (the sweep's; with --ray the node's)"),
     F("gpu_name", "str", None, "host", "the GPU model: the worker's CUDA device name, else the host's (null on a "
       "CPU host); reports derive gpu_model from it"),
     F("device", "str", None, "host", "cuda or cpu"),
@@ -96,12 +96,23 @@ _HOST = (
 )
 
 _POOL = (
-    F("gpu_index", "int", None, "gpu-pool", "NVML index of the GPU the cell's sampler read (a --gpus cell that "
-      "died before saying gets its slot's)", bench=True),
+    F("gpu_index", "int", None, "gpu-pool", "NVML index of the GPU the cell's sampler read (a --gpus or --ray cell "
+      "that died before saying gets the one it was pinned to; with --ray, on its node)", bench=True),
     F("gpu_uuid", "str", None, "gpu-pool", "that GPU's UUID"),
     F("gpu_pool", "list", None, "gpu-pool", "NVML indexes of the GPUs a --gpus sweep ran on"),
     F("gpu_pin_mismatch", "bool", None, "gpu-pool", "only when true: the GPU the worker read is not the one it "
       "was pinned to"),
+)
+
+_RAY = (
+    F("ray_node", "str", None, "ray", "hostname of the Ray node the cell ran on", since=2),
+    F("ray_node_ip", "str", None, "ray", "that node's IP address", since=2),
+    F("ray_node_id", "str", None, "ray", "that node's Ray id (unique where hostnames repeat, e.g. containers)",
+      since=2),
+    F("ray_gpu_id", "str", None, "ray", "the GPU id Ray gave the cell's worker (CUDA_VISIBLE_DEVICES as Ray set "
+      "it; the worker pins that GPU by UUID)", since=2),
+    F("ray_requeued", "int", None, "ray", "only on a cell whose worker (process, fork server or node) was lost "
+      "while running it: how often; it ran again after each loss, and is a crash after three", since=2),
 )
 
 _PER_RANK_DOCS = (
@@ -189,4 +200,4 @@ _OBJECTS = (
     F("gc_pauses.seconds", "list", "s", "phases", "their total time per generation"),
 )
 
-FIELDS = (*_PHASES, *_LOAD, *_PRECISION, *_LOSS, *_INPUTS, *_HOST, *_POOL, *_DIST, *_EVIDENCE, *_LAYERS, *_OBJECTS)
+FIELDS = (*_PHASES, *_LOAD, *_PRECISION, *_LOSS, *_INPUTS, *_HOST, *_POOL, *_RAY, *_DIST, *_EVIDENCE, *_LAYERS, *_OBJECTS)

@@ -13,6 +13,7 @@ from typing import Any
 
 from harness.core.axes import ATTENTION_IMPLEMENTATIONS, GRAD_CKPT_MODES, PRECISIONS, STACK_NAMES
 from harness.plan.budgets import apply_vram_budgets
+from harness.plan.cluster import ray_target
 from harness.plan.gpus import parse_gpus
 from harness.plan.matrix import PRESETS, axes_for, expand, split_list
 from harness.plan.shard_select import default_run_dir as default_shard_dir, select as select_shard
@@ -140,6 +141,10 @@ OPTIONS: tuple[Opt, ...] = (
                  "predicted time, the same split in every process; auto takes K from SLURM_ARRAY_TASK_ID (N from "
                  "SLURM_ARRAY_TASK_COUNT) or JOB_COMPLETION_INDEX (0-based; give N as auto/N); the run folder "
                  "defaults to reports/runs/<time>-<host>-shardKofN"),
+    Opt("ray", "run the cells on a Ray cluster, one at a time per GPU of every node (each worker pinned to its "
+               "GPU, one fork server per GPU): auto (the cluster this machine joined), ADDRESS (host:6379 or "
+               "ray://host:10001) or local[:N] (start a one-node cluster with N GPUs, default 2; fake ones on a host "
+               "without GPUs, cells then on the CPU); needs pip install -e .[ray]; this process writes the run folder"),
     Opt("shard-history", "--shard: balance the shards by the wall times of these earlier run folders (comma list, "
                          "folders of run folders or quoted globs; the same for every shard) instead of the token "
                          "model"),
@@ -172,6 +177,7 @@ class SweepConfig:
     sampler_mode: str = "thread"  # where the NVML sampler polls from: a thread, or its own process
     time_limit_s: float | None = None  # --time-limit: no new cell after this many seconds of the process
     shard: Any = None  # --shard: harness.plan.shard.ShardPlan (``cells`` is then this shard's part)
+    ray: Any = None  # --ray: harness.plan.cluster.RayTarget; None = this host only
 
     def out_of_time(self, started_at: float) -> bool:
         """Whether --time-limit has passed (``started_at`` on the ``time.monotonic`` clock)."""
@@ -239,6 +245,7 @@ def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
         raise SpecError("--vram-budget judges cells by the sampled NVML peak: it needs --nvml-period-ms > 0")
     if v["time-limit"] is not None and v["time-limit"] <= 0:
         raise SpecError("--time-limit must be positive")
+    ray = ray_target(v)  # before --gpus: its refusal of --gpus is the clearer line
     gpus = parse_gpus(v["gpus"], facts, device)
     if gpus and any(c.world_size > 1 for c in cells):
         raise SpecError("--gpus runs one-GPU cells side by side; cells with --world-size above 1 take the host's "
@@ -252,7 +259,7 @@ def build_config(values: dict[str, Any], facts: dict[str, Any]) -> SweepConfig:
                        cache_dir=v["cache-dir"], nvml_period_s=period_ms / 1000.0, prune=not v["no-prune"],
                        options={k: val for k, val in v.items() if val not in (None, False)},
                        int8_prequantized=bool(v["int8-prequantized"]), sampler_mode=sampler_mode, gpus=gpus,
-                       time_limit_s=v["time-limit"], shard=shard)
+                       time_limit_s=v["time-limit"], shard=shard, ray=ray)
 
 
 def window_from_options(v: dict[str, Any]) -> WindowSpec | None:

@@ -14,8 +14,9 @@ for what the cell did; it raises when it cannot launch at all (its server is gon
         def close(self) -> None
 
 - ``ForkLauncher``: one fork server (``harness.run.forkserver``) that imported the
-  libraries once and forks a fresh child per cell; ``run_job`` runs other jobs the same
-  way (the host fingerprint, the loading checks, a checkpoint to write).
+  libraries once and forks a fresh child per cell (``launched_from`` reads how a cell
+  ended); ``run_job`` runs other jobs the same way (the host fingerprint, the loading
+  checks, a checkpoint to write).
 - ``TorchrunLauncher`` (``harness.run.torchrun``): a cell with ``world_size`` > 1, one
   torchrun per cell; it runs cells only.
 
@@ -53,6 +54,12 @@ class Launched:
     exit_signal: int | None = None
 
 
+def launched_from(out: JobOutcome, timeout_s: float) -> Launched:
+    """A cell's job outcome as a ``Launched`` (its clock readings turned into phases)."""
+    worker = attach_timers(classify(out, timeout_s), t_submit=out.t_submit, t_exit=out.t_exit, wall_s=out.wall_s)
+    return Launched(worker, out.wall_s, out.log_path, out.returncode, out.signal)
+
+
 class Launcher(Protocol):
     def start(self) -> dict[str, Any]:
         """Start what the launcher keeps running between cells; what it says when ready."""
@@ -84,8 +91,7 @@ class ForkLauncher:
                log_path: str | os.PathLike) -> Launched:
         out = self.runner.run_job(CELL_TARGET, {"spec_dict": cell.to_dict(), "opts": opts}, timeout_s=timeout_s,
                                   log_path=log_path)
-        worker = attach_timers(classify(out, timeout_s), t_submit=out.t_submit, t_exit=out.t_exit, wall_s=out.wall_s)
-        return Launched(worker, out.wall_s, str(log_path), out.returncode, out.signal)
+        return launched_from(out, timeout_s)
 
     def run_job(self, target: str, args: dict[str, Any], *, timeout_s: float,
                 log_path: str | os.PathLike) -> JobOutcome:

@@ -285,20 +285,27 @@ class GpuPool:
         return sweep.commit(rec, lane=lane, elapsed=0.0)
 
     def _record_throughput(self, sweep: Steps, records: list[dict[str, Any]], wall_s: float) -> None:
-        """Cells per hour of this pass, into run.json's latest invocation."""
-        ran = [r for r in records if r.get("log") and not r.get("resumed")]
-        self.throughput = t = {
-            "gpus": [s.index for p, s in enumerate(self.slots) if p not in self.dead] or [self.slots[0].index],
-            "cells": len(records), "cells_run": len(ran), "cells_wall_s": round(wall_s, 3),
-            "cells_per_hour": round(len(ran) * 3600.0 / wall_s, 2) if ran and wall_s > 0 else None,
-            "worker_start_s": None if self.worker_start_s is None else round(self.worker_start_s, 3),
-            "cell_time_s": round(sum(float(r.get("wall_time_s") or 0.0) for r in ran), 3),
-        }
-        store = sweep.open_store()
-        meta = store.read_json("run.json") or {"run_id": store.run_id, "invocations": []}
-        if meta.get("invocations"):
-            meta["invocations"][-1]["throughput"] = t
-            store.write_json("run.json", meta)
-        if t["cells_per_hour"]:
-            sweep.out(f"lora-harness: {t['cells_run']} cells in {fmt_duration(wall_s)} on {len(t['gpus'])} GPU(s): "
-                      f"{t['cells_per_hour']:,.0f} cells/hour")
+        gpus = [s.index for p, s in enumerate(self.slots) if p not in self.dead] or [self.slots[0].index]
+        self.throughput = record_throughput(sweep, records, wall_s, gpus=gpus, worker_start_s=self.worker_start_s)
+
+
+def record_throughput(sweep: Steps, records: list[dict[str, Any]], wall_s: float, *, gpus: list[Any],
+                      worker_start_s: float | None, **more: Any) -> dict[str, Any]:
+    """Cells per hour of a pass over ``gpus``, into run.json's latest invocation (read by
+    ``harness.report.cell_rate``) and one line of output."""
+    ran = [r for r in records if r.get("log") and not r.get("resumed")]
+    t = {
+        "gpus": list(gpus), "cells": len(records), "cells_run": len(ran), "cells_wall_s": round(wall_s, 3),
+        "cells_per_hour": round(len(ran) * 3600.0 / wall_s, 2) if ran and wall_s > 0 else None,
+        "worker_start_s": None if worker_start_s is None else round(worker_start_s, 3),
+        "cell_time_s": round(sum(float(r.get("wall_time_s") or 0.0) for r in ran), 3), **more,
+    }
+    store = sweep.open_store()
+    meta = store.read_json("run.json") or {"run_id": store.run_id, "invocations": []}
+    if meta.get("invocations"):
+        meta["invocations"][-1]["throughput"] = t
+        store.write_json("run.json", meta)
+    if t["cells_per_hour"]:
+        sweep.out(f"lora-harness: {t['cells_run']} cells in {fmt_duration(wall_s)} on {len(t['gpus'])} GPU(s): "
+                  f"{t['cells_per_hour']:,.0f} cells/hour")
+    return t
