@@ -19,8 +19,9 @@ harness.core.host.quick_facts = lambda: dict(H200)
 
 
 def _fake_run(self, cell):
-    if cell.cell_id in self.done:  # --resume, as the real Sweep.run does
-        return self.commit(dict(self.done[cell.cell_id], resumed=True), resumed=True)
+    stored = self.resumable(cell)
+    if stored is not None:  # --resume, as the real Sweep.run does
+        return self.commit(dict(stored, resumed=True), resumed=True)
     store = self.open_store()
     worker = {k: v for k, v in HOST.record(cell).items() if k not in ("cell_id", "spec")}
     rec = make_record(cell.to_dict(), cell.cell_id, store.run_id, worker,

@@ -133,10 +133,10 @@ class Sweep:
         """The stored record --resume replays for ``cell``: its latest with the same
         settings. A cell whose stored records were made with other settings runs again
         (``rerun`` says why)."""
-        if not self.config.resume or cell.cell_id not in self.stored:
-            return None
         if cell.cell_id in self.done:
             return self.done[cell.cell_id]
+        if not self.config.resume or cell.cell_id not in self.stored:
+            return None
         want = self.fingerprint(cell)
         same = [r for r in self.stored[cell.cell_id] if fp.of_record(r) == want]
         if same:
