@@ -6,6 +6,7 @@ tests/test_h200_job.py to run scripts/h200-fit.sh's exact pytest command."""
 
 import harness.core.host
 import harness.run.sweep
+from harness.core.fingerprint import measurement_opts
 from harness.core.record import make_record
 from tests.fakes import FakeHost
 
@@ -25,7 +26,9 @@ def _fake_run(self, cell):
     store = self.open_store()
     worker = {k: v for k, v in HOST.record(cell).items() if k not in ("cell_id", "spec")}
     rec = make_record(cell.to_dict(), cell.cell_id, store.run_id, worker,
-                      {"wall_time_s": worker.pop("wall_time_s", 1.0), "fake": True})
+                      {"wall_time_s": worker.pop("wall_time_s", 1.0), "fake": True,
+                       "fingerprint": self.fingerprint(cell),  # as Sweep.record stores it
+                       "measurement_opts": measurement_opts(self.config.worker_opts())})
     return self.commit(rec, elapsed=0.0)
 
 

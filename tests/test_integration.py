@@ -90,7 +90,7 @@ def test_benchmark_json_holds_the_metrics(smoke_run):
 def test_resume_skips_recorded_cells(smoke_run):
     _, run_dir, _ = smoke_run
     proc = _pytest("suites/test_matrix.py", "-p", "no:cacheprovider", "-p", "no:benchmark", "--run-dir", str(run_dir),
-                   "--device", "cpu", "--resume", "-k", "fp32 and s64")
+                   "--device", "cpu", "--resume", "-k", "fp32 and s64", "--lr", "3e-3", "--steps", "6")
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert "3 passed" in proc.stdout and "resumed" in proc.stdout
     lines = (run_dir / "results.jsonl").read_text().splitlines()

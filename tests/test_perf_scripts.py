@@ -92,7 +92,7 @@ def test_reference_job_runs_both_selections_into_one_folder(reference_job):
     ids = [r["cell_id"] for r in recs]
     assert len(ids) == len(set(ids)) == 36 + 30  # the full rows' 512 / 2048 / 8192 cells were resumed
     full = [r for r in recs if r["seq_len"] in (256, 1024, 4096, 16384, 32768)]
-    assert len(full) == 30 and all(r["spec"]["window"]["max_steps"] == 30 and r["spec"]["steps"] == 3 for r in full)
+    assert len(full) == 30 and all(r["spec"]["window"] is None and r["spec"]["steps"] == 5 for r in full)
     assert {r["precision"] for r in recs} == {"fp32", "bf16", "int8", "nf4"}
     assert "h200-reference: reference run complete" in first.stdout and "66 of 66 cells recorded" in first.stdout
 
