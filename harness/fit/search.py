@@ -90,8 +90,13 @@ def fit_rows(cells: tuple[CellSpec, ...] | list[CellSpec]) -> list[CellSpec]:
 
 
 def row_label(row: CellSpec) -> str:
+    """``nf4-dq gc-on``; rows of other stacks, compiled or with another attention kernel
+    say so (``nf4-dq gc-on unsloth``), so fit.md never shows two stacks under one label."""
     s = f"{row.precision} gc-{row.grad_ckpt}"
-    return s + (f" b{row.batch_size}" if row.batch_size != 1 else "")
+    s += f" b{row.batch_size}" if row.batch_size != 1 else ""
+    s += f" {row.stack}" if row.stack != "hf" else ""
+    s += " compiled" if row.compile else ""
+    return s + (f" attn-{row.attn_implementation}" if row.attn_implementation != "sdpa" else "")
 
 
 def model_max_len(row: CellSpec) -> int:
