@@ -181,3 +181,51 @@ def test_the_worker_server_never_preloads_a_stack():
     from harness.cell.server import PRELOAD
 
     assert not [m for m in PRELOAD if m.split(".")[0] in ("liger_kernel", "unsloth", "unsloth_zoo")]
+
+
+# -- the stability suite across stacks ----------------------------------------------------
+
+def test_stability_cells_of_other_stacks_are_compared_with_hf_bf16_of_the_same_seed():
+    from harness.plan import suites
+
+    gpu = {"has_gpu": True, "gpu_name": "NVIDIA H200", "compute_capability": "9.0", "bitsandbytes_installed": True}
+    cells = suites.cells_for("stability", {"precision": "bf16,nf4-dq", "stack": "unsloth,liger",
+                                           "stability_seeds": 2}, gpu)
+    got = [(c.stack, c.precision, c.seed) for c in cells]
+    # hf runs fp32 (its own reference) and bf16 (the other stacks' reference); no fp32 on other stacks
+    assert [g for g in got if g[0] == "hf"] == [("hf", p, s) for p in ("fp32", "bf16", "nf4-dq") for s in (0, 1)]
+    assert {g for g in got if g[0] != "hf"} == {(st, p, s) for st in ("liger", "unsloth") for p in ("bf16", "nf4-dq")
+                                                for s in (0, 1)}
+    by = {(c.stack, c.precision, c.seed): c for c in cells}
+    uns = by[("unsloth", "nf4-dq", 1)]
+    assert uns.cell_id == "llama-3.2-1b/nf4-dq/s256/gc-off/load-pretrained/stack-unsloth/stability/seed1"
+    assert suites.reference_for(uns) == by[("hf", "bf16", 1)]  # the same tokens and seed, plain hf bf16
+    assert suites.reference_for(by[("hf", "bf16", 1)]) == by[("hf", "fp32", 1)]
+    # only hf: the suite is what it was
+    assert all(c.stack == "hf" for c in suites.cells_for("stability", {"precision": "bf16"}, gpu))
+    assert all(c.stack == "hf" for c in suites.cells_for("overflow", {"stack": "liger"}, gpu))
+
+
+def test_a_stack_cells_loss_curve_is_judged_against_hf_bf16():
+    from harness.report import stability
+
+    def curve(start=6.9, end=4.9, n=100):
+        return [start + (end - start) * i / (n - 1) for i in range(n)]
+
+    def srec(losses, precision, stack="hf", seed=0):
+        tag = "" if stack == "hf" else f"/stack-{stack}"
+        return {"cell_id": f"m/{precision}{tag}/stability/{seed}", "model": "m", "precision": precision,
+                "stack": stack, "status": "ok", "losses": losses,
+                "spec": {"model": "m", "precision": precision, "stack": stack, "seed": seed}}
+
+    recs = [srec(curve(), "fp32"), srec(curve(end=5.0), "bf16"), srec(curve(end=6.5), "bf16", "unsloth"),
+            srec(curve(end=5.0), "nf4-dq", "liger")]
+    results = stability.judge_all(recs, stability.Thresholds(min_drop=0.1))
+    assert [(r.reference, r.verdict) for r in results] == [("fp32", "stable"), ("fp32", "stable"),
+                                                          ("hf bf16", "unstable"), ("hf bf16", "stable")]
+    assert results[2].problems[-1].startswith("diverged from hf bf16: final loss")
+    assert results[2].reference_final_loss == pytest.approx(results[1].final_loss)
+    verdicts = stability.judge_seeds([results[2]])
+    assert verdicts.precision == "bf16 (unsloth)" and verdicts.ratio.what == "final / hf bf16"
+    md = stability.report(recs)["markdown"]
+    assert "| m | bf16 (unsloth) |" in md and "compared with plain hf bf16 of the same seed" in md
