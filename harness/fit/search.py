@@ -84,7 +84,7 @@ def fit_rows(cells: tuple[CellSpec, ...] | list[CellSpec]) -> list[CellSpec]:
     """One template per row (the sweep's cells with length, budget and tag dropped)."""
     rows: dict[tuple, CellSpec] = {}
     for c in cells:
-        t = c.replace(seq_len=2, vram_budget_bytes=None, tag="", warmup_steps=PROBE_WARMUP_STEPS, steps=PROBE_STEPS)
+        t = c.replace(seq_len=2, vram_budget_bytes=None, tag="", warmup_steps=probe_warmup(c), steps=PROBE_STEPS)
         rows.setdefault(fitlib.row_key(t.to_dict()), t)
     return list(rows.values())
 
@@ -110,8 +110,13 @@ def model_max_len(row: CellSpec) -> int:
     return int(cfg.get("max_position_embeddings") or 131072)
 
 
+def probe_warmup(cell: CellSpec) -> int:
+    """A probe's warm-up steps: a compiled cell needs two (one uncompiled, one compiling)."""
+    return max(PROBE_WARMUP_STEPS, 2 if cell.compile else 0)
+
+
 def probe_cell(row: CellSpec, seq_len: int, budget_bytes: int) -> CellSpec:
-    return row.replace(seq_len=seq_len, vram_budget_bytes=budget_bytes, warmup_steps=PROBE_WARMUP_STEPS,
+    return row.replace(seq_len=seq_len, vram_budget_bytes=budget_bytes, warmup_steps=probe_warmup(row),
                        steps=PROBE_STEPS, tag=PROBE_TAG)
 
 
