@@ -173,6 +173,10 @@ def test_spec_and_rules_of_the_stack_cells():
     assert vlm.rule == "stack-model" and "qwen2_5_vl" in vlm.reason
     eager = capability.verdict(CellSpec("llama-3.1-8b", "bf16", 512, stack="unsloth", attn_implementation="eager"), gpu)
     assert eager.rule == "stack-attention" and "ignores attn_implementation=eager" in eager.reason
+    compiled = CellSpec("tiny-llama", "fp32", 64, compile=True)
+    assert capability.verdict(compiled, {"c_compiler": None}).rule == "compile-compiler"
+    assert capability.verdict(compiled, {"c_compiler": "cc"}).supported
+    assert capability.verdict(compiled, {}).supported  # not reported: no prediction
 
 
 def test_the_worker_server_never_preloads_a_stack():

@@ -19,7 +19,7 @@ _CELL = (
       "loading", since=2),
     F("attn_implementation_used", "str", None, "stack", "the attention implementation every attention layer's "
       "config names after the LoRA wrap (several, comma-joined, if they differ); not spec.attn_implementation "
-      "makes the cell an error", since=2, table="attention"),
+      "makes the cell an error", since=2),
     F("stack_versions", "object", None, "stack", "the versions of the packages that make the cell's stack "
       "(hf: transformers, peft; liger: liger-kernel, triton; unsloth: unsloth, unsloth_zoo, trl, triton)", since=2),
     F("stack_proof", "object", None, "stack", "Liger and Unsloth cells: what shows the stack was in effect (keys "

@@ -309,6 +309,7 @@ RULES: tuple[Rule, ...] = (
     Rule("stack-model", "Liger and Unsloth are built here for Llama, Qwen2 and Mistral models", sr.stack_model),
     Rule("stack-attention", "Unsloth's fast path picks its own attention kernel (sdpa only)", sr.stack_attention,
          sr.SRC_UNSLOTH),
+    Rule("compile-compiler", "torch.compile (Inductor) needs a C compiler", sr.compile_compiler),
     Rule("dist-gpus", "a cell with world_size N needs N GPUs on a GPU host", _dist_gpus),
     Rule("dist-budget", "VRAM budgets apply to world_size 1 cells", _dist_budget),
     Rule("fsdp-quantised", "FSDP cells are 16/32-bit (bitsandbytes layers are not sharded)", _fsdp_quantised, SRC_FSDP2),

@@ -95,3 +95,10 @@ def stack_attention(cell: CellSpec, facts: dict[str, Any]) -> str | None:
         return (f"the {stack.name} stack's fast path picks its own attention kernel and ignores "
                 f"attn_implementation={cell.attn_implementation} (it honours {', '.join(stack.attn_implementations)})")
     return None
+
+
+def compile_compiler(cell: CellSpec, facts: dict[str, Any]) -> str | None:
+    if cell.compile and "c_compiler" in facts and not facts["c_compiler"]:
+        return ("torch.compile's Inductor backend compiles C++ kernels (CPU) or Triton's launchers (GPU) with a C "
+                "compiler; none (cc, gcc, clang) is on this host's PATH")
+    return None
