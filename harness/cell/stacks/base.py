@@ -120,7 +120,7 @@ def describe_output(res: Any) -> dict[str, str]:
     logits = getattr(res, "logits", None)
     if logits is None:
         shown = "None"
-    elif hasattr(logits, "shape") and type(logits).__name__ in ("Tensor", "Parameter"):
+    elif type(logits).__name__ in ("Tensor", "Parameter"):  # a sentinel (EmptyLogits) raises on any use
         shown = f"Tensor{list(logits.shape)}"
     else:
         shown = type(logits).__name__
