@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Run the harness on the H200 test host (no network; see ../shared/GPU.md and README).
-# Installs the bitsandbytes wheel carried in .whl/ into /tmp/site, then runs the command
-# given, with the working tree on PYTHONPATH. Results are copied (tarred) into $OUT.
+# Installs the bitsandbytes wheel carried in .whl/ (and the training stacks' wheels, where
+# .whl-stacks/liger and .whl-stacks/unsloth were carried: docs/gpu-host.md, "Training
+# stacks") into /tmp/site, then runs the command given, with the working tree on
+# PYTHONPATH. Results are copied (tarred) into $OUT.
 #   usage: scripts/gpu-host.sh RUN_DIR -- COMMAND...
 #
 # A fresh host pays for the synthetic checkpoints once: with WRITE_AHEAD set (e.g.
@@ -11,9 +13,12 @@
 # has 128 GB of RAM), else in /tmp.
 set -uo pipefail
 run_dir=$1; shift; [ "${1:-}" = "--" ] && shift
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "bitsandbytes wheel install failed"; exit 3; }
+wheels=$(ls .whl/*.whl .whl-stacks/liger/*.whl .whl-stacks/unsloth/*.whl 2>/dev/null)
+if [ -n "$wheels" ]; then
+  # --no-deps: the host has torch, transformers, peft, triton; pip would try to fetch them
+  # shellcheck disable=SC2086 # one word per wheel
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels \
+    || { echo "wheel install failed: $wheels"; exit 3; }
   export PYTHONPATH=$PWD:/tmp/site
 else
   export PYTHONPATH=$PWD

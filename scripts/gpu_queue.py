@@ -18,7 +18,8 @@ The order is the trust work's: the noise-robust overhead first (harness vs bare 
 sampler cost), then the memory diagnostics (offload vs plain checkpointing, int8 with
 checkpointing), then the default matrix reference and its full-length rows, then the fit
 answers at 16 / 24 / 40 / 80 GiB with the cap at 65,536 tokens (after the offload and
-memory-model fixes have landed), then the training-stack cells.
+memory-model fixes have landed), then the training-stack cells (``stacks``: needs the
+stacks' wheels carried too, docs/gpu-host.md "Training stacks").
 
 Imports no torch (the steps' own processes do); ``--status`` works anywhere.
 """
@@ -149,6 +150,57 @@ def _fit_progress(d: Path) -> tuple[bool, str]:
     return len(measured) >= want, f"{len(measured)} of {want} answers measured"
 
 
+# The training stacks on the same cells: plain transformers + peft, Liger, Unsloth. 4-bit is
+# nf4-dq for all three (Unsloth's 4-bit loader always double-quantises; hf and Liger load
+# the same quantisation), so the rows compare stacks, not quantisations.
+STACKS = "hf,liger,unsloth"
+STACK_CELLS = {"model": MODEL, "precision": "bf16,nf4-dq", "seq_len": "2048,8192", "grad_ckpt": "on",
+               "stack": STACKS}
+STACK_FIT_BUDGETS = "24,40"
+
+
+def _stacks_cmd(d: Path, budget: float) -> list[str]:
+    """The cells first (their folder ``cells``), then the fit answers (``fit``) with the time left."""
+    import shlex
+
+    c = STACK_CELLS
+    cells = [PY, "-m", "pytest", "suites/test_matrix.py", "-p", "no:cacheprovider", "-p", "no:benchmark", "-q",
+             "--run-dir", str(d / "cells"), "--resume", "--model", MODEL, "--precision", c["precision"],
+             "--seq-len", c["seq_len"], "--grad-ckpt", c["grad_ckpt"], "--stack", STACKS]
+    fit = [PY, "-m", "pytest", "suites/test_fit.py", "-p", "no:cacheprovider", "-p", "no:benchmark", "-q",
+           "--run-dir", str(d / "fit"), "--resume", "--model", MODEL, "--precision", c["precision"],
+           "--grad-ckpt", c["grad_ckpt"], "--stack", STACKS, "--budgets", STACK_FIT_BUDGETS, "--granularity", "256",
+           "--max-seq-len", "65536"]
+    total = f"{max(1.0, budget - 30):.0f}"
+    # the fit's memory model starts from the stack cells just measured (--prior)
+    prior = shlex.quote(str(d / "cells"))
+    script = (f'start=$SECONDS; {shlex.join(cells)} --time-limit {total}; '
+              f'left=$(( {total} - (SECONDS - start) - 30 )); prior=""; '
+              f'[ -f {prior}/results.jsonl ] && prior="--prior {prior}"; '
+              f'if [ "$left" -ge 120 ]; then {shlex.join(fit)} $prior --time-limit "$left"; fi')
+    return ["bash", "-c", script]
+
+
+def _stacks_progress(d: Path) -> tuple[bool, str]:
+    """Done when every cell is recorded with an outcome other than unsupported (a host without
+    the stacks' wheels records them unsupported: they count as not measured) and every fit
+    answer is measured."""
+    want = _expected_cells([STACK_CELLS])
+    recs = _records(d / "cells")
+    have = {r.get("cell_id") for r in recs if r.get("status") != "unsupported"}
+    unsupported = {r.get("cell_id") for r in recs if r.get("status") == "unsupported"} - have
+    data = _json(d / "fit" / "fit.json")
+    answers = [a for r in (data or {}).get("rows") or [] for a in r.get("answers") or []] \
+        if isinstance(data, dict) else []
+    measured = [a for a in answers if isinstance(a, dict) and a.get("status") in ("found", "oom", "at_cap")]
+    n_fit = len(STACK_FIT_BUDGETS.split(",")) * len(STACK_CELLS["precision"].split(",")) * len(STACKS.split(","))
+    if not recs and not measured:
+        return False, "not started"
+    note = f" ({len(unsupported)} unsupported: were the stacks' wheels carried?)" if unsupported else ""
+    return not (want - have) and len(measured) >= n_fit, \
+        f"{len(want & have)} of {len(want)} cells measured{note}, {len(measured)} of {n_fit} fit answers measured"
+
+
 STEPS: tuple[Step, ...] = (
     Step("overhead", "harness vs bare loop and sampler on vs off, interleaved paired rounds (8B, 2048 tokens)",
          _overhead_cmd, _overhead_progress, min_s=150),
@@ -160,6 +212,8 @@ STEPS: tuple[Step, ...] = (
          _reference_cmd, _reference_progress, min_s=120),
     Step("fit", "longest context at 16 / 24 / 40 / 80 GiB, cap 65,536 (bf16, nf4 x gc-on, offload)",
          _fit_cmd, _fit_progress, min_s=120),
+    Step("stacks", "hf, Liger and Unsloth on the same 8B cells (bf16, nf4-dq x 2048, 8192 tokens, gc-on), then "
+         "their longest context at 24 / 40 GiB", _stacks_cmd, _stacks_progress, min_s=150),
 )
 
 

@@ -45,6 +45,8 @@ def pytest_generate_tests(metafunc):
     cases = [(r, b) for b in settings.budgets_bytes for r in rows]  # smallest budget first, every row
     metafunc.parametrize("fit_case", cases, ids=[f"{r.model}/{r.precision}/gc-{r.grad_ckpt}"
                                                  + (f"/b{r.batch_size}" if r.batch_size != 1 else "")
+                                                 + (f"/stack-{r.stack}" if r.stack != "hf" else "")
+                                                 + ("/compile" if r.compile else "")
                                                  + f"/vram{budget_label(b)}" for r, b in cases])
 
 

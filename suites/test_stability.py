@@ -2,7 +2,9 @@
 synthetic task from the same base weights (one synthetic checkpoint, ``from_pretrained``)
 for 100 steps, once per seed (``--stability-seeds``: 3 with a GPU, 2 without); each
 seed's loss curve is compared with fp32's of the same seed, and each precision is judged
-over its seeds (``harness.report.stability``):
+over its seeds (``harness.report.stability``); with ``--stack`` naming other training
+stacks, their cells train on the same tokens and seeds and are compared with plain hf
+bf16 of the same seed:
 
 - a loss that is not finite fails, naming the step and the values, whatever the seeds;
 - a loss that does not clearly fall, or ends far above fp32's, fails only when it misses
@@ -22,10 +24,11 @@ from harness.report import stability
 
 
 def _run(cell, lora_harness):
-    """A seed's record and its per-run judgement against fp32 of the same seed."""
+    """A seed's record and its per-run judgement against fp32 of the same seed (another
+    training stack's cell: against plain hf bf16 of the same seed)."""
     rec = lora_harness.run_suite(cell, "stability")
     ref = None
-    if cell.precision != "fp32":
+    if reference_for(cell) != cell:
         ref = lora_harness.run_suite(reference_for(cell), "stability")
         ref = ref if ref.get("status") == "ok" else None
     return rec, stability.judge(rec, ref)

@@ -3,6 +3,7 @@ table. The steps' own commands run on a GPU host; here they are replaced by smal
 commands that leave the files a finished step leaves."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -71,3 +72,25 @@ def test_status_runs_nothing_and_reads_committed_runs(queue, tmp_path, capsys):
 def test_an_unknown_step_is_one_line_and_exit_2(queue, tmp_path, capsys):
     assert queue.main(["--root", str(tmp_path), "--only", "nope"]) == 2
     assert capsys.readouterr().err.startswith("gpu-queue: error: unknown step 'nope'")
+
+
+def test_the_stacks_step_runs_the_cells_then_the_fit_and_counts_both(queue, tmp_path):
+    d = tmp_path / "stacks"
+    assert queue._stacks_progress(d) == (False, "not started")
+    script = queue._stacks_cmd(d, 500)[2]
+    cells, fit = script.index("suites/test_matrix.py"), script.index("suites/test_fit.py")
+    assert cells < fit and "--stack hf,liger,unsloth" in script and "--budgets 24,40" in script
+    assert "--precision bf16,nf4-dq --seq-len 2048,8192 --grad-ckpt on" in script
+    recs = [{"cell_id": c, "status": "ok"} for c in sorted(queue._expected_cells([queue.STACK_CELLS]))]
+    assert len(recs) == 12 and recs[-1]["cell_id"] == "llama-3.1-8b/nf4-dq/s8192/gc-on/stack-unsloth"
+    (d / "cells").mkdir(parents=True)
+    (d / "cells" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[:5]))
+    assert queue._stacks_progress(d) == (False, "5 of 12 cells measured, 0 of 12 fit answers measured")
+    no_wheels = [dict(r, status="unsupported") for r in recs[5:]]
+    (d / "cells" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[:5] + no_wheels))
+    assert queue._stacks_progress(d)[1].startswith("5 of 12 cells measured (7 unsupported: were the stacks' wheels")
+    (d / "cells" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (d / "fit").mkdir()
+    answers = [{"budget_bytes": b, "status": "found", "longest": 4096} for b in (24, 40)]
+    (d / "fit" / "fit.json").write_text(json.dumps({"rows": [{"answers": answers}] * 6}))
+    assert queue._stacks_progress(d) == (True, "12 of 12 cells measured, 12 of 12 fit answers measured")

@@ -35,7 +35,7 @@ def test_every_field_is_documented_with_its_group_and_unit():
 
 def test_the_lists_that_used_to_be_kept_by_hand_derive_from_the_schema():
     assert RECORD_FIELDS[:5] == ("schema_version", "run_id", "cell_id", "status", "error") and "spec" in RECORD_FIELDS
-    assert load.AXES == ("model", "precision", "seq_len", "batch_size", "grad_ckpt")
+    assert load.AXES == ("model", "precision", "seq_len", "batch_size", "grad_ckpt", "stack")
     assert set(load.LIST_FIELDS) == {"step_times_s", "warmup_step_times_s", "losses"}
     assert {"peak_vram_bytes", "wall_time_s", "scaler_skipped_steps", "phase_measured_s"} <= set(load.NUMERIC_FIELDS)
     assert cmp_mod.STEP_METRICS == ("step_time_s", "tokens_per_s", "mfu")

@@ -17,6 +17,7 @@ from typing import Any
 
 from harness.cell.checkpointing import CheckpointProofError
 from harness.cell.setup import Prepared, log
+from harness.cell.stacks.base import StackProofError, describe_output
 from harness.cell.trackers import Trackers, host_load
 from harness.cell.trackers.gc_watch import GcWatch
 from harness.core import flops as flops_mod
@@ -62,6 +63,8 @@ def train(spec: CellSpec, p: Prepared, device, out: dict[str, Any], clock, hooks
             if i == spec.warmup_steps:
                 sampler.energy_start()
                 clock.begin("measured")
+                if p.compile is not None:
+                    p.compile.measured_start()
             batch = inputs.to_device(batches.get(i), device)
             if hooks.before_step(i, sync) is False and i > spec.warmup_steps:
                 window.rule = "gate"  # a step gate said stop (benchmarks/interleaved.py)
@@ -78,6 +81,8 @@ def train(spec: CellSpec, p: Prepared, device, out: dict[str, Any], clock, hooks
                 break
         sync()
         sampler.energy_stop()
+        if p.compile is not None:
+            p.compile.window_end()
         host_load.after_window(out, sampler.nvml_index if sampler.nvml_ok else None)
         if getattr(hooks, "profile_busy", True) and device.type == "cuda":
             measured = timer.times[spec.warmup_steps:]
@@ -141,8 +146,13 @@ class _Step:
         self.timer.start()
         p.evidence.enter("forward")
         probe = p.evidence.probe_saved(self.device, p.model) if i == 0 else contextlib.nullcontext()
+        module = p.step_model if p.compile is None else p.compile.module(i)
         with probe, p.autocast():
-            loss = p.step_model(**batch).loss
+            res = module(**batch)
+            loss = res.loss
+            if i == 0:  # read, then dropped: holding the output would keep its logits alive
+                p.first_output = describe_output(res)
+            del res
         if i == 0:
             p.evidence.probe_ctx_held(loss, self.device, p.model)
         p.evidence.enter("backward")
@@ -150,6 +160,8 @@ class _Step:
         p.evidence.leave()
         if i == 0:
             self.lora_params_with_grad = sum(1 for q in p.trainable if q.grad is not None)
+            if p.compile is not None:
+                p.evidence.stop()  # compiled steps must not trace the counting hooks
         scale_before = p.scaler.get_scale() if p.use_scaler else None
         p.scaler.step(p.opt)
         p.scaler.update()
@@ -230,6 +242,8 @@ def verify(spec: CellSpec, p: Prepared, steps: Steps, out: dict[str, Any], clock
     # in training mode from birth even when the model inside it is still in eval mode.
     ev["model_training_mode"] = all(layer.training for layer in evidence.layers)
     ev["transformers_gc_enabled"] = checkpointing.transformers_flag(p.model)
+    if evidence.proof:
+        ev["proof"] = evidence.proof
     out["grad_ckpt_evidence"] = ev
     held = checkpointing.ctx_held_warning(spec.grad_ckpt, ev)
     if held:
@@ -240,7 +254,21 @@ def verify(spec: CellSpec, p: Prepared, steps: Steps, out: dict[str, Any], clock
         problems.append(f"only {steps.lora_params_with_grad} of {len(p.trainable)} LoRA parameters received gradients")
     if problems:
         raise CheckpointProofError(f"checkpointing proof failed for gc-{spec.grad_ckpt}: " + "; ".join(problems))
+    _stack_checks(spec, p, steps, out)
     out.update(_flops(spec, p, steps))
+
+
+def _stack_checks(spec: CellSpec, p: Prepared, steps: Steps, out: dict[str, Any]) -> None:
+    """The training stack's check of the first step's output, and the compiler's record
+    and proof (raise StackProofError)."""
+    first = p.first_output or {}
+    if "stack_proof" in out:
+        out["stack_proof"].update(first)
+    problems = p.stack_check(out.get("stack_proof"), first) if p.stack_check else []
+    if problems:
+        raise StackProofError(f"{spec.stack} proof failed at run time: " + "; ".join(problems))
+    if p.compile is not None:
+        p.compile.finish(steps.times, out)
 
 
 def _flops(spec: CellSpec, p: Prepared, steps: Steps) -> dict[str, Any]:

@@ -41,6 +41,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Per-cell logs are read by people: no progress bars redrawn hundreds of times.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+# Never liger_kernel or unsloth: they patch transformers' classes for the whole process,
+# so preloaded here they would patch every cell forked from it (harness.cell.stacks.base).
 PRELOAD = (
     "torch",
     "numpy",

@@ -183,10 +183,15 @@ class Prepared:
     scaler: Any
     use_scaler: bool
     autocast: Callable[[], Any]
+    stack_check: Callable[..., list[str]] | None = None  # the stack's check of the first step's output
+    compile: Any = None  # harness.cell.compiled.CompileWatch for --compile cells
+    first_output: dict[str, str] | None = None  # the first training step's output, described
 
 
 def prepare(spec: CellSpec, opts: dict[str, Any], device, out: dict[str, Any], clock, hooks) -> Prepared:
-    """Check the host, load the model, wrap it in LoRA and prove what was built."""
+    """Check the host, load the model and wrap it in LoRA with the cell's training stack
+    (``harness.cell.stacks``), prove what was built, and compile it for ``--compile``."""
+    from harness.cell import attention, stacks
     from harness.core.models import get_preset, skip_modules
 
     try:
@@ -202,56 +207,44 @@ def prepare(spec: CellSpec, opts: dict[str, Any], device, out: dict[str, Any], c
     preset = None if spec.model_path else get_preset(spec.model)
     skips = skip_modules(preset)
     out["compute_dtype"] = get_mode(spec.precision).weight_dtype or compute
+    if spec.stack != "hf" and device.type != "cuda":
+        raise Unsupported(f"the {spec.stack} stack's kernels run on a CUDA GPU only; this cell runs on {device.type}")
+    stack = stacks.get(spec.stack)
+    build = stacks.Build(spec, opts, device, hooks, preset, skips, bf16_ok, compute, out, log,
+                         load_kwargs(spec.precision, bf16_supported=bf16_ok, skip_modules=skips))
+    out["stack_versions"] = stacks.versions(spec.stack)
 
     out["phase"] = "load"
     clock.begin("model_load")
-    log(f"loading {spec.model} ({spec.precision}, {spec.resolved_load()}) on {device}")
-    model, info = hooks.load(spec, load_kwargs(spec.precision, bf16_supported=bf16_ok, skip_modules=skips),
-                             device, opts)
+    log(f"loading {spec.model} ({spec.precision}, {spec.resolved_load()}, stack {spec.stack}) on {device}")
+    model, info = stack.load(build)
     out.update(info)
+    out["attn_implementation_after_load"] = attention.configured(model)
 
     out["phase"] = "prepare"
     clock.begin("lora_wrap")
     # a checkpoint written (or looked up) inside the load is not the load
     clock.move(info.get("checkpoint_prepare_s") or 0.0, "model_load", "checkpoint_write")
-    model, evidence = _wrap_lora(spec, model, preset, opts, out)
+    model, evidence = stack.wrap(build, model)
     counts = count_layers(model, skips, quantized=get_mode(spec.precision).quant is not None)
     out["loaded_layers"] = counts
     problems = verify_layers(spec.precision, counts, compute_dtype=compute)
     if problems:
         raise PrecisionProofError(f"precision proof failed for {spec.precision}: " + "; ".join(problems))
+    proof = stack.prove(build, model)
+    if proof is not None:
+        out["stack_proof"] = proof
+    attention.prove(spec, model, out)
     step_model = hooks.wrap(model, evidence)  # DDP / FSDP under torchrun; the model itself otherwise
-    return _optimizer(spec, model, step_model, preset, evidence, device, compute, out, hooks)
+    watch = None
+    if spec.compile:
+        from harness.cell.compiled import CompileWatch
 
-
-def _wrap_lora(spec: CellSpec, model, preset, opts: dict[str, Any], out: dict[str, Any]):
-    """The checkpointing mode (with its evidence hooks), then the LoRA adapter."""
-    import peft
-    import torch
-
-    from harness.cell import checkpointing
-    from harness.core.models import lora_exclude
-
-    evidence = checkpointing.apply(model, spec.grad_ckpt)
-    lcfg = peft.LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-                           target_modules=_lora_target(spec), bias="none", task_type="CAUSAL_LM",
-                           exclude_modules=lora_exclude(preset, spec.lora.include_vision))
-    # LoRA's A matrices are drawn from the global RNG: seed it here so every precision and
-    # load path of a cell starts from the same adapter (the stability suite compares them).
-    torch.manual_seed(spec.seed)
-    model = peft.get_peft_model(model, lcfg)
-    if not spec.lora.input_cast:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        for module in model.modules():
-            if isinstance(module, BaseTunerLayer):
-                module.cast_input_dtype_enabled = False
-    out["lora_input_cast"] = spec.lora.input_cast
-    # from_pretrained gave us an eval-mode model; transformers skips checkpointing in
-    # eval mode. The checkpointing proof catches a loop that forgets this.
-    if not opts.get("_test_forget_train_mode"):
-        model.train()
-    return model, evidence
+        watch = CompileWatch(step_model)
+        step_model = watch.compiled
+    prepared = _optimizer(spec, model, step_model, preset, evidence, device, compute, out, hooks)
+    prepared.stack_check, prepared.compile = stack.check_step, watch
+    return prepared
 
 
 def _optimizer(spec: CellSpec, model, step_model, preset, evidence, device, compute: str,
@@ -295,11 +288,6 @@ def _make_optimizer(name: str, params, lr: float):
 
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
     raise ValueError(name)
-
-
-def _lora_target(spec: CellSpec):
-    t = spec.lora.target_modules
-    return t if t == "all-linear" else [s.strip() for s in t.split(",") if s.strip()]
 
 
 def _matmul_params(model, exclude: str | None = None) -> tuple[int, int]:

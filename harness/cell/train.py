@@ -24,6 +24,7 @@ from harness.cell.checkpointing import CheckpointProofError
 from harness.cell.hooks import CellHooks
 from harness.cell.precision import PrecisionProofError
 from harness.cell.setup import Unsupported
+from harness.cell.stacks.base import StackProofError, StackUnavailable, cell_environment, import_stack
 from harness.cell.trackers import Trackers
 from harness.core import flops as flops_mod
 from harness.core.phases import PhaseClock
@@ -53,10 +54,10 @@ def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None,
         with Trackers(out, clock) as trackers:
             _work(spec, opts, hooks, out, clock, trackers)
             out["status"] = Status.OK.value
-    except (Unsupported, BudgetUnusable, CheckpointTooLarge) as exc:
+    except (Unsupported, BudgetUnusable, CheckpointTooLarge, StackUnavailable) as exc:
         out["status"] = Status.UNSUPPORTED.value
         out["error"] = str(exc)
-    except (PrecisionProofError, CheckpointProofError) as exc:
+    except (PrecisionProofError, CheckpointProofError, StackProofError) as exc:
         out["status"] = Status.ERROR.value
         out["error"] = str(exc)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a record
@@ -79,6 +80,8 @@ def run_cell(spec_dict: dict[str, Any], opts: dict[str, Any] | None = None,
 def _work(spec: CellSpec, opts: dict[str, Any], hooks: CellHooks, out: _Partial, clock: PhaseClock,
           trackers: Trackers) -> None:
     """The cell's work, phase by phase; raises however it fails."""
+    cell_environment(out)  # before CUDA starts and before any stack's import
+    import_stack(spec, opts)  # Unsloth first, before the model code it patches runs
     import torch  # noqa: F401 - a broken install fails here, as the cell's error
 
     clock.begin("checkpoint_write")

@@ -87,6 +87,8 @@ class Stack:
     needs_gpu: bool = False  # its kernels are Triton / CUDA only
     precisions: tuple[str, ...] | None = None  # precision modes its loader offers (None: all)
     min_seq_len_offload: int = 0  # below this its offloaded checkpointing turns into plain checkpointing
+    model_types: tuple[str, ...] | None = None  # architectures (config model_type) it patches (None: any)
+    attn_implementations: tuple[str, ...] | None = None  # --attn values it honours (None: all)
     extra: str = ""  # the package extra that installs it: pip install -e .[extra]
     colour: str = "#333333"
     summary: str = ""
@@ -95,11 +97,15 @@ class Stack:
 STACKS: tuple[Stack, ...] = (
     Stack("hf", colour="#1f77b4", summary="transformers + peft, as they come"),
     Stack("liger", packages=("liger-kernel",), needs_gpu=True, extra="liger", colour="#2ca02c",
+          model_types=("llama", "qwen2", "mistral"),
           summary="the same model with Liger kernels: fused linear cross-entropy, RMSNorm, SwiGLU, RoPE"),
     # Unsloth's 4-bit loader always double-quantises (nf4 with nested constants: our nf4-dq),
-    # and its offloaded checkpointing is plain checkpointing below 512 tokens.
+    # and its offloaded checkpointing is plain checkpointing below 512 tokens. Its fast
+    # attention path ignores config._attn_implementation (its own dispatch: SDPA without
+    # flash-attn / xformers), so only sdpa is what an Unsloth cell says it is.
     Stack("unsloth", packages=("unsloth", "unsloth_zoo"), needs_gpu=True, extra="unsloth",
           precisions=("bf16", "fp16", "int8", "nf4-dq"), min_seq_len_offload=512, colour="#d62728",
+          model_types=("llama", "qwen2", "mistral"), attn_implementations=("sdpa",),
           summary="Unsloth's FastLanguageModel loading and get_peft_model"),
 )
 ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = ("sdpa", "eager", "flash_attention_2", "flex_attention")

@@ -12,8 +12,8 @@ SCHEMA_VERSION = 2
 TYPES: tuple[str, ...] = ("int", "float", "str", "bool", "list", "object")
 # Groups in the order the documentation shows them.
 GROUPS: tuple[str, ...] = ("identity", "axes", "outcome", "speed", "compute", "energy", "memory", "budget",
-                           "phases", "load", "precision", "loss", "proofs", "inputs", "vlm", "host", "gpu-pool",
-                           "ray", "dist", "quality")
+                           "phases", "load", "precision", "loss", "proofs", "stack", "inputs", "vlm", "host",
+                           "gpu-pool", "ray", "dist", "quality")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import importlib.metadata as md
 import importlib.util
 import os
 import re
+import shutil
 from typing import Any
 
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "nvidia-ml-py", "pytest",
@@ -124,6 +125,8 @@ def quick_facts() -> dict[str, Any]:
         "driver_cuda_version": nvml_cuda_driver_version() if gpus else None,
         "flash_attn_installed": importlib.util.find_spec("flash_attn") is not None,
         "stack_requirements": stack_requirements(),
+        # torch.compile's Inductor builds C++ (CPU) or Triton's launchers (GPU) with it
+        "c_compiler": next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None),
     }
 
 

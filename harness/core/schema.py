@@ -1,9 +1,10 @@
 """The result record's schema: every field a record can hold, declared once, as data.
 
-Pure module (no torch, no pandas). The field list lives in ``schema_fields`` and
-``schema_fields_more``; everything that used to list record fields by hand derives from
-it: the fields every record carries (``harness.core.record.RECORD_FIELDS``), the report
-frame's numeric and list columns and axes (``harness.report.load``), pytest-benchmark's
+Pure module (no torch, no pandas). The field list lives in ``schema_fields``,
+``schema_fields_more`` and ``schema_fields_stack``; everything that used to list record
+fields by hand derives from it: the fields every record carries
+(``harness.core.record.RECORD_FIELDS``), the report frame's numeric and list columns and
+axes (``harness.report.load``), pytest-benchmark's
 ``extra_info`` (the pytest plugin), compare's metrics, the display units
 (``harness.report.units``), the report's "More metrics" table and
 ``docs/results-schema.md`` (``python -m harness.core.schema_doc > docs/results-schema.md``).
@@ -22,7 +23,7 @@ import contextlib
 import copy
 from typing import Any, Iterable, Iterator
 
-from harness.core import schema_fields, schema_fields_more
+from harness.core import schema_fields, schema_fields_more, schema_fields_stack
 from harness.core.field import GROUPS, SCHEMA_VERSION, TYPES, Field  # noqa: F401 - the schema's API
 
 _REGISTRY: dict[str, Field] = {}
@@ -226,4 +227,4 @@ def newer_versions(records: Iterable[dict[str, Any]]) -> dict[int, int]:
     return counts
 
 
-register(*schema_fields.FIELDS, *schema_fields_more.FIELDS)
+register(*schema_fields.FIELDS, *schema_fields_more.FIELDS, *schema_fields_stack.FIELDS)

@@ -64,11 +64,17 @@ GROUP_TITLES = {
     "load": "Loading", "precision": "Precision", "loss": "Loss", "proofs": "Proofs (layers, checkpointing)",
     "inputs": "Inputs", "vlm": "Vision-language cells", "host": "Host and device", "gpu-pool": "GPU pool (`--gpus`)",
     "ray": "Ray cluster (`--ray`)",
-    "dist": "Multi-GPU cells (torchrun)",
+    "dist": "Multi-GPU cells (torchrun)", "stack": "Training stack, torch.compile, attention kernel",
 }
 
 GROUP_INTROS = {
     "axes": "The matrix axes, copied from the spec onto every record.",
+    "stack": """\
+What trained: the stack (`hf`: transformers + peft; `liger`: Liger kernels applied to the
+loaded model before LoRA; `unsloth`: Unsloth's FastLanguageModel loader and get_peft_model),
+with its package versions and the checks that it was in effect (`stack_proof`; for every
+stack the layer census in `loaded_layers` says whether 4-bit, 8-bit or 16-bit layers were
+loaded); the attention implementation the layers use; torch.compile's cost and counters.""",
     "outcome": """\
 A compat cell the capability rules predict unsupported is still attempted
 (`prediction.supported` false, `status` what really happened); a matrix cell is then

@@ -23,6 +23,8 @@ _ALWAYS = (
     F("seq_len", "int", "tokens", "axes", "tokens per sequence", always=True),
     F("batch_size", "int", None, "axes", "sequences per step", always=True),
     F("grad_ckpt", "str", None, "axes", "activation checkpointing mode: off, on or offload", always=True),
+    F("stack", "str", None, "axes", "training stack: hf (transformers + peft), liger or unsloth (spec.stack; older "
+      "records read hf)", always=True, since=2, default="hf"),
     F("step_time_s", "float", "s/step", "speed", "median measured step time (warm-up excluded)", always=True,
       metric=True, better="lower", bench=True, step_band=True),
     F("tokens_per_s", "float", "tokens/s", "speed", "batch x seq_len / step_time_s", always=True, metric=True,

@@ -155,6 +155,12 @@ class CellSpec:
                             "measure a fixed number of steps (drop --adaptive-steps for them)")
         if self.window is not None and self.window.max_steps < self.steps:
             raise SpecError(f"--max-steps ({self.window.max_steps}) is below the minimum of {self.steps} measured steps")
+        if self.compile and self.warmup_steps < 2:
+            raise SpecError("--compile needs >= 2 warm-up steps: the first runs uncompiled (the checkpointing proof), "
+                            "the second compiles, so no measured step includes compilation")
+        if self.stack == "unsloth" and self.load == "config":
+            raise SpecError("the unsloth stack loads from a checkpoint (FastLanguageModel.from_pretrained); "
+                            "load=config is not offered")
         if not self.model or "/" in self.model:
             raise SpecError(f"model name must be a preset name or a checkpoint's short name, got {self.model!r}")
 
@@ -215,7 +221,8 @@ class CellSpec:
     def resolved_load(self) -> str:
         if self.load != "auto":
             return self.load
-        return "pretrained" if (self.quantized or self.model_path) else "config"
+        # Unsloth's loader reads a checkpoint folder whatever the precision
+        return "pretrained" if (self.quantized or self.model_path or self.stack == "unsloth") else "config"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -55,7 +55,8 @@ def build(search: FitSearch) -> dict[str, Any]:
                     default=None)
         rows_out.append({
             "row": row_label(row), "model": row.model, "precision": row.precision, "grad_ckpt": row.grad_ckpt,
-            "batch_size": row.batch_size, "granularity": grid.granularity, "max_seq_len": grid.hi,
+            "batch_size": row.batch_size, "stack": row.stack, "compile": row.compile,
+            "attn_implementation": row.attn_implementation, "granularity": grid.granularity, "max_seq_len": grid.hi,
             "answers": [a.to_dict() for a in answers], "predictions": preds, "memory_model": model_info,
             "budget_cells_ok": len(probes),
             "budget_cells_nvml_within": sum(1 for r in probes if r.get("nvml_peak_within_budget")),

@@ -57,7 +57,7 @@ def row_key(spec: dict[str, Any]) -> tuple:
     quant = is_quantised(spec.get("precision"))
     load = spec.get("load") or "auto"
     if load == "auto":
-        load = "pretrained" if (quant or spec.get("model_path")) else "config"
+        load = "pretrained" if (quant or spec.get("model_path") or spec.get("stack") == "unsloth") else "config"
     # Records are upgraded on reading (harness.core.schema.upgrade); a spec handed in
     # directly may still predate a LoRA setting: it ran with that setting's default.
     lora = {**_LORA_DEFAULTS, **(spec.get("lora") or {})}

@@ -84,14 +84,19 @@ def fit_rows(cells: tuple[CellSpec, ...] | list[CellSpec]) -> list[CellSpec]:
     """One template per row (the sweep's cells with length, budget and tag dropped)."""
     rows: dict[tuple, CellSpec] = {}
     for c in cells:
-        t = c.replace(seq_len=2, vram_budget_bytes=None, tag="", warmup_steps=PROBE_WARMUP_STEPS, steps=PROBE_STEPS)
+        t = c.replace(seq_len=2, vram_budget_bytes=None, tag="", warmup_steps=probe_warmup(c), steps=PROBE_STEPS)
         rows.setdefault(fitlib.row_key(t.to_dict()), t)
     return list(rows.values())
 
 
 def row_label(row: CellSpec) -> str:
+    """``nf4-dq gc-on``; rows of other stacks, compiled or with another attention kernel
+    say so (``nf4-dq gc-on unsloth``), so fit.md never shows two stacks under one label."""
     s = f"{row.precision} gc-{row.grad_ckpt}"
-    return s + (f" b{row.batch_size}" if row.batch_size != 1 else "")
+    s += f" b{row.batch_size}" if row.batch_size != 1 else ""
+    s += f" {row.stack}" if row.stack != "hf" else ""
+    s += " compiled" if row.compile else ""
+    return s + (f" attn-{row.attn_implementation}" if row.attn_implementation != "sdpa" else "")
 
 
 def model_max_len(row: CellSpec) -> int:
@@ -105,8 +110,13 @@ def model_max_len(row: CellSpec) -> int:
     return int(cfg.get("max_position_embeddings") or 131072)
 
 
+def probe_warmup(cell: CellSpec) -> int:
+    """A probe's warm-up steps: a compiled cell needs two (one uncompiled, one compiling)."""
+    return max(PROBE_WARMUP_STEPS, 2 if cell.compile else 0)
+
+
 def probe_cell(row: CellSpec, seq_len: int, budget_bytes: int) -> CellSpec:
-    return row.replace(seq_len=seq_len, vram_budget_bytes=budget_bytes, warmup_steps=PROBE_WARMUP_STEPS,
+    return row.replace(seq_len=seq_len, vram_budget_bytes=budget_bytes, warmup_steps=probe_warmup(row),
                        steps=PROBE_STEPS, tag=PROBE_TAG)
 
 

@@ -18,8 +18,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from harness.core.axes import STACK_BY_NAME, get_mode
+from harness.core.axes import get_mode
 from harness.core.spec import CellSpec
+from harness.plan import stack_rules as sr
 
 
 @dataclass(frozen=True)
@@ -283,59 +284,6 @@ def _fsdp_load(cell: CellSpec, facts: dict[str, Any]) -> str | None:
             "loading a checkpoint (load=pretrained, a local model) into FSDP shards is not implemented")
 
 
-# -- training stacks -----------------------------------------------------------------
-
-SRC_LIGER = "liger-kernel: Triton kernels (README: NVIDIA / AMD GPUs); its first kernel call fails without a GPU driver"
-SRC_UNSLOTH = ("unsloth 2026.10.9: models/llama.py (4-bit loads use nf4 + double quantisation), "
-               "models/_utils.py (offloaded checkpointing becomes plain checkpointing below 512 tokens)")
-
-
-def _stack_installed(cell: CellSpec, facts: dict[str, Any]) -> str | None:
-    stack = STACK_BY_NAME[cell.stack]
-    missing = [p for p in stack.packages if not _pkg(facts, p)]
-    if missing:
-        return (f"the {stack.name} stack needs {', '.join(missing)}, not installed here "
-                f"(pip install -e .[{stack.extra}]; GPU hosts without network: docs/gpu-host.md)")
-    return None
-
-
-def _stack_gpu(cell: CellSpec, facts: dict[str, Any]) -> str | None:
-    stack = STACK_BY_NAME[cell.stack]
-    if stack.needs_gpu and not _gpu(facts):
-        return f"the {stack.name} stack's kernels run on a CUDA GPU only; this cell would run on the CPU"
-    return None
-
-
-def _stack_versions(cell: CellSpec, facts: dict[str, Any]) -> str | None:
-    unmet = [f"{d}: {', '.join(r)}" for d, r in (facts.get("stack_requirements") or {}).items()
-             if r and d in STACK_BY_NAME[cell.stack].packages]
-    if unmet:
-        return f"the {cell.stack} stack's installed release does not accept this environment ({'; '.join(unmet)})"
-    return None
-
-
-def _stack_precision(cell: CellSpec, facts: dict[str, Any]) -> str | None:
-    stack = STACK_BY_NAME[cell.stack]
-    if stack.precisions is not None and cell.precision not in stack.precisions:
-        return (f"the {stack.name} stack's loader offers {', '.join(stack.precisions)}, not {cell.precision}"
-                + (" (its 4-bit loads are NF4 with double quantisation: nf4-dq)" if cell.precision == "nf4" else ""))
-    return None
-
-
-def _stack_offload_length(cell: CellSpec, facts: dict[str, Any]) -> str | None:
-    stack = STACK_BY_NAME[cell.stack]
-    if cell.grad_ckpt == "offload" and cell.seq_len < stack.min_seq_len_offload:
-        return (f"the {stack.name} stack runs plain checkpointing instead of its offloaded mode below "
-                f"{stack.min_seq_len_offload} tokens: a gc-offload cell of {cell.seq_len} tokens would not be what it says")
-    return None
-
-
-def _stack_single_process(cell: CellSpec, facts: dict[str, Any]) -> str | None:
-    if cell.world_size > 1 and (cell.stack != "hf" or cell.compile):
-        return "torchrun cells run the plain stack without torch.compile (other stacks there are not built)"
-    return None
-
-
 RULES: tuple[Rule, ...] = (
     Rule("gpu-present", "--device cuda needs an NVIDIA GPU", _gpu_asked),
     Rule("torch-cuda-build", "--device cuda needs a CUDA build of torch", _torch_cpu_build),
@@ -351,13 +299,17 @@ RULES: tuple[Rule, ...] = (
     Rule("bnb-cpu", "bitsandbytes on CPU needs >= 0.48.0", _bnb_cpu, SRC_BNB_INSTALL),
     Rule("bnb-cc", "LLM.int8() needs cc >= 7.5, 4-bit and 8-bit optimizers cc >= 6.0", _bnb_cc, SRC_BNB_INSTALL),
     Rule("flash-attn2", "flash_attention_2 needs flash-attn and cc >= 8.0", _flash_attn, SRC_FLASH),
-    Rule("stack-gpu", "Liger's and Unsloth's kernels need a CUDA GPU", _stack_gpu, SRC_LIGER),
-    Rule("stack-installed", "a stack other than hf needs its package", _stack_installed),
-    Rule("stack-versions", "the stack's declared torch / transformers range", _stack_versions),
-    Rule("stack-precision", "Unsloth loads 16-bit, int8 and nf4-dq only", _stack_precision, SRC_UNSLOTH),
-    Rule("stack-offload-length", "Unsloth's offloaded checkpointing needs >= 512 tokens", _stack_offload_length,
-         SRC_UNSLOTH),
-    Rule("stack-single-process", "torchrun cells use the plain stack", _stack_single_process),
+    Rule("stack-gpu", "Liger's and Unsloth's kernels need a CUDA GPU", sr.stack_gpu, sr.SRC_LIGER),
+    Rule("stack-installed", "a stack other than hf needs its package", sr.stack_installed),
+    Rule("stack-versions", "the stack's declared torch / transformers range", sr.stack_versions),
+    Rule("stack-precision", "Unsloth loads 16-bit, int8 and nf4-dq only", sr.stack_precision, sr.SRC_UNSLOTH),
+    Rule("stack-offload-length", "Unsloth's offloaded checkpointing needs >= 512 tokens", sr.stack_offload_length,
+         sr.SRC_UNSLOTH),
+    Rule("stack-single-process", "torchrun cells use the plain stack", sr.stack_single_process),
+    Rule("stack-model", "Liger and Unsloth are built here for Llama, Qwen2 and Mistral models", sr.stack_model),
+    Rule("stack-attention", "Unsloth's fast path picks its own attention kernel (sdpa only)", sr.stack_attention,
+         sr.SRC_UNSLOTH),
+    Rule("compile-compiler", "torch.compile (Inductor) needs a C compiler", sr.compile_compiler),
     Rule("dist-gpus", "a cell with world_size N needs N GPUs on a GPU host", _dist_gpus),
     Rule("dist-budget", "VRAM budgets apply to world_size 1 cells", _dist_budget),
     Rule("fsdp-quantised", "FSDP cells are 16/32-bit (bitsandbytes layers are not sharded)", _fsdp_quantised, SRC_FSDP2),

@@ -14,7 +14,9 @@ questions and pick their own cells from the same options (``harness.plan.options
   without; ``--seed`` and the next ones): the base weights do not depend on the seed, the
   data and the adapter's initialisation do, and each seed's cell is compared with fp32 of
   the same seed. The verdict is judged against the spread over the seeds
-  (``harness.report.stability``). Plus the **overflow case**: ``tiny-overflow`` in fp32 /
+  (``harness.report.stability``). With ``--stack`` naming stacks other than hf, each of
+  them trains the selected precisions it offers on the same tokens and seeds, and is
+  compared with plain hf bf16 of the same seed (which then always runs too). Plus the **overflow case**: ``tiny-overflow`` in fp32 /
   bf16 / fp16, built so that fp16 activations exceed 65,504 (with the same seeds).
 
 Shared with the matrix: --model (unless --compat-model / --stability-model), --precision,
@@ -33,7 +35,7 @@ from typing import Any
 from harness.plan.matrix import split_list
 from harness.plan.options import OPTIONS, build_config
 from harness.core import evidence
-from harness.core.axes import GRAD_CKPT_MODES, PRECISIONS
+from harness.core.axes import GRAD_CKPT_MODES, PRECISIONS, STACK_BY_NAME, normalize_stack
 from harness.core.spec import CellSpec
 from harness.core.errors import SpecError
 
@@ -45,7 +47,7 @@ OVERFLOW_SEQ_LEN = 64
 COMPAT_LOADS = ("config", "pretrained")
 # Options the suites take from the matrix's set (see the module docstring).
 SHARED = ("model", "precision", "grad-ckpt", "lr", "optimizer", "lora-rank", "lora-alpha", "lora-dropout",
-          "lora-targets", "seed", "device", "cell-timeout", "cache-dir", "nvml-period-ms")
+          "lora-targets", "seed", "device", "cell-timeout", "cache-dir", "nvml-period-ms", "stack")
 
 
 @dataclass(frozen=True)
@@ -153,18 +155,30 @@ def stability_cells(values: dict[str, Any], facts: dict[str, Any]) -> tuple[Cell
     v = _values(values)
     model, steps, seq = _suite_basics(v, facts, "stability", STABILITY)
     precisions = split_list(v["precision"])
+    stacks = [normalize_stack(x) for x in split_list(v["stack"])] or ["hf"]
     if precisions:
         precisions = ["fp32"] + precisions  # the reference curve every other one is compared with
-    cells = _cells(dict(v, precision=",".join(precisions) or None), facts, model=model, seq_len=str(seq),
-                   steps=str(steps), warmup_steps=0, load="pretrained", grad_ckpt="off")
+    if stacks != ["hf"]:  # other stacks are compared with hf bf16: it runs, with fp32 as its own reference
+        stacks = ["hf"] + [x for x in stacks if x != "hf"]
+        precisions = list(dict.fromkeys((precisions or list(PRECISIONS)) + ["bf16"]))
+    cells = _cells(dict(v, precision=",".join(precisions) or None, stack=",".join(stacks)), facts, model=model,
+                   seq_len=str(seq), steps=str(steps), warmup_steps=0, load="pretrained", grad_ckpt="off")
+    cells = [c for c in cells if _offered(c)]
     return _seeded(_tagged(cells, "stability"), stability_seeds(values, facts))
+
+
+def _offered(cell: CellSpec) -> bool:
+    """An hf cell, or another stack's cell of a precision its loader offers (fp32 is hf's
+    reference only: another stack is compared with hf bf16)."""
+    offered = STACK_BY_NAME[cell.stack].precisions
+    return cell.stack == "hf" or (cell.precision != "fp32" and (offered is None or cell.precision in offered))
 
 
 def overflow_cells(values: dict[str, Any], facts: dict[str, Any]) -> tuple[CellSpec, ...]:
     """The fp16 overflow case: tiny-overflow in fp32, bf16 and fp16 (always all three)."""
     v = _values(values)
     steps = _steps(v["stability-steps"], STABILITY.steps, "stability-steps")
-    cells = _cells(dict(v, model=None, precision=None), facts, model=OVERFLOW_MODEL,
+    cells = _cells(dict(v, model=None, precision=None, stack=None), facts, model=OVERFLOW_MODEL,
                    precision=",".join(OVERFLOW_PRECISIONS), seq_len=str(OVERFLOW_SEQ_LEN), steps=str(steps),
                    warmup_steps=0, load="pretrained", grad_ckpt="off")
     return _seeded(_tagged(cells, "stability"), stability_seeds(values, facts))
@@ -184,7 +198,10 @@ def loading_model(values: dict[str, Any], facts: dict[str, Any]) -> str:
 
 
 def reference_for(cell: CellSpec) -> CellSpec:
-    """The fp32 cell a stability cell is compared with (itself for an fp32 cell)."""
+    """The cell a stability cell is compared with: fp32 of the same seed (itself for an
+    fp32 cell); for another training stack's cell, plain hf bf16 of the same seed."""
+    if cell.stack != "hf":
+        return cell.replace(precision="bf16", stack="hf")
     return cell.replace(precision="fp32")
 
 

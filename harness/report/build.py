@@ -13,6 +13,7 @@ from typing import Sequence
 
 from harness.report import gpu_models as gpu_model_mod
 from harness.report import pages, tables
+from harness.report import stacks as stacks_mod
 from harness.report.chart_set import all_charts
 from harness.report.charts import Chart, groups, save
 from harness.report.load import RunLoadError, RunSet, load_run_set
@@ -60,13 +61,14 @@ def page_blocks(rs: RunSet, charts: Sequence[tuple[Chart, dict[str, Path]]], out
     for g in groups(cells):
         blocks.append(Heading(f"Charts: {g.subtitle}"))
         for chart, paths in charts:
-            if chart.group.slug != g.slug or "png" not in paths:
+            if chart.group.slug != g.slug or "png" not in paths or chart.kind == "stacks":
                 continue
             rel = lambda p: os.path.relpath(p, out_dir)  # noqa: E731 - pages link relative to themselves
             blocks.append(Heading(chart.title[0].upper() + chart.title[1:], 3))
             blocks.append(FigureBlock(rel(paths["png"]), chart.title, chart.caption,
                                       rel(paths["svg"]) if "svg" in paths else None))
 
+    blocks += stack_blocks(rs, charts, out_dir)
     blocks.append(Heading("Tables"))
     blocks.append(Para("Units converted for reading; results.jsonl holds bytes and seconds. "
                        "Peak memory figures are single measurements per cell; step times are the median of the "
@@ -95,6 +97,42 @@ def page_blocks(rs: RunSet, charts: Sequence[tuple[Chart, dict[str, Path]]], out
         "tokens/s = batch x sequence length / median step time; MFU uses the device's dense datasheet peak.",
         "Status classes: ok; OOM; unsupported (the host cannot run it); failed = error, crash or timeout.",
     )))
+    return blocks
+
+
+def fit_rows(rs: RunSet) -> list[dict]:
+    """The fit search's rows (fit.json) of every run folder that has one."""
+    import json
+
+    rows: list[dict] = []
+    for r in rs.runs:
+        try:
+            data = json.loads((Path(r.path) / "fit.json").read_text())
+        except (OSError, ValueError):
+            continue
+        rows += [row for row in data.get("rows") or [] if isinstance(row, dict)]
+    return rows
+
+
+def stack_blocks(rs: RunSet, charts: Sequence[tuple[Chart, dict[str, Path]]], out_dir: Path) -> list[Block]:
+    """The training stacks compared (only when the runs hold more than one stack)."""
+    heads, rows = stacks_mod.table(rs.cells, fit_rows(rs))
+    drawn = [(c, p) for c, p in charts if c.kind == "stacks" and "png" in p]
+    if not rows and not drawn:
+        return []
+    rel = lambda p: os.path.relpath(p, out_dir)  # noqa: E731
+    blocks: list[Block] = [Heading("Training stacks compared"), Para(
+        "Cells that differ only by their training stack, each against its hf cell (transformers + peft): tokens/s "
+        "and NVML's peak, the longest context at 24 GiB where a fit search answered it, the loss against the hf bf16 "
+        "cell of the same tokens and seed, and each vendor's claim with a verdict. Speed verdicts read the band "
+        "between the slowest and fastest measured steps: a claim inside it cannot be told.")]
+    if rows:
+        blocks.append(pages.table(heads, rows))
+        blocks.append(pages.table(*stacks_mod.claims_table(rs.cells)))
+    for chart, paths in drawn:
+        blocks.append(Heading(f"{chart.title[0].upper()}{chart.title[1:]}: {chart.group.subtitle}", 3))
+        blocks.append(FigureBlock(rel(paths["png"]), chart.title, chart.caption,
+                                  rel(paths["svg"]) if "svg" in paths else None))
     return blocks
 
 

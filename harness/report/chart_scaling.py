@@ -87,9 +87,10 @@ def memory_chart(g: Group) -> Chart | None:
             for _, r in d[(d["precision"] == p) & (d["status"] == "oom")].iterrows():
                 measured = r["memory_bytes"] == r["memory_bytes"]
                 _oom_marker(ax, r, p, precs, mode, r["memory_bytes"] / GIB if measured else None)
+        ceiling = max(top, device_gib or 0) * 1.08
         if vram:
-            _card_lines(ax, device_gib, label=(mode == mode_order(g.cells["grad_ckpt"])[-1]))
-        ax.set_ylim(0, max(top, device_gib or 0) * 1.08)
+            _card_lines(ax, device_gib, label=(mode == mode_order(g.cells["grad_ckpt"])[-1]), ceiling=ceiling)
+        ax.set_ylim(0, ceiling)
 
     handles = _oom_handles(g.cells, "OOM (memory reached when it ran out)")
     if vram:
@@ -115,9 +116,12 @@ def _oom_handles(cells: pd.DataFrame, measured_label: str) -> list[Line2D]:
     return out
 
 
-def _card_lines(ax, device_gib: float | None, *, label: bool) -> None:
-    """Dashed lines at common card sizes, a solid one at this device's own memory."""
+def _card_lines(ax, device_gib: float | None, *, label: bool, ceiling: float | None = None) -> None:
+    """Dashed lines at common card sizes, a solid one at this device's own memory; none
+    above the panel's top (labels far outside it collapse the figure's layout)."""
     for gb in CARD_SIZES_GB:
+        if ceiling is not None and gb > ceiling:
+            continue
         ax.axhline(gb, color="#999999", linestyle="--", linewidth=0.8, zorder=0)
         if label:
             ax.annotate(f"{gb} GB", xy=(1.0, gb), xycoords=("axes fraction", "data"), xytext=(3, 0),

@@ -6,8 +6,9 @@ from typing import Callable, Iterator
 
 import pandas as pd
 
-from harness.report import chart_matrix, chart_scaling
-from harness.report.charts import Chart, Group, groups
+from harness.report import chart_matrix, chart_scaling, chart_stacks
+from harness.report.charts import Chart, Group, groups, stack_groups
+
 
 def all_charts(cells: pd.DataFrame) -> Iterator[Chart]:
     """Every chart the report shows, group by group, in reading order."""
@@ -20,3 +21,7 @@ def all_charts(cells: pd.DataFrame) -> Iterator[Chart]:
             chart = make(g)
             if chart is not None:
                 yield chart
+    for g in stack_groups(cells):  # across stacks: cells that differ only by their stack
+        chart = chart_stacks.stack_chart(g)
+        if chart is not None:
+            yield chart

@@ -44,11 +44,14 @@ class Group:
     batch_size: int
     cells: pd.DataFrame
     layout: str = ""
+    # the id's training-stack parts ("stack-liger/compile/attn-eager"; "" for plain hf):
+    # lines of one precision never join cells of different stacks
+    variant: str = ""
 
     @property
     def slug(self) -> str:
         return slugify(f"{self.model}-{self.device}" + (f"-b{self.batch_size}" if self.batch_size != 1 else "")
-                       + (f"-{self.layout}" if self.layout else ""))
+                       + (f"-{self.layout}" if self.layout else "") + (f"-{self.variant}" if self.variant else ""))
 
     @property
     def subtitle(self) -> str:
@@ -57,7 +60,22 @@ class Group:
         if self.layout:
             n, strategy = self.layout[2:].split("-", 1)
             lay = f", {n} GPUs ({strategy.upper()}; tokens/s in total, memory the largest rank's)"
-        return f"{self.model} on {self.device}{b}{lay}"
+        return f"{self.model} on {self.device}{b}{lay}{variant_text(self.variant)}"
+
+
+VARIANT_PARTS = r"/(stack-[a-z0-9_]+|compile|attn-[a-z0-9_]+)(?=/|$)"
+
+
+def variant_of(cell_id: str, *, with_stack: bool = True) -> str:
+    """The training-stack parts of a cell id, in order ("stack-liger/compile")."""
+    parts = re.findall(VARIANT_PARTS, str(cell_id))
+    return "/".join(p for p in parts if with_stack or not p.startswith("stack-"))
+
+
+def variant_text(variant: str) -> str:
+    words = {"compile": "compiled"}
+    return "".join(", " + (words.get(p) or p.replace("stack-", "stack ").replace("attn-", "attention "))
+                   for p in variant.split("/") if p)
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,13 +109,31 @@ def mode_order(values) -> list[str]:
 def groups(cells: pd.DataFrame) -> list[Group]:
     """Cells split by device, model and batch size (rows without axes are left out).
     Several runs of one cell on one device: the latest record is drawn."""
+    return _split(cells, with_stack=True)
+
+
+def _split(cells: pd.DataFrame, *, with_stack: bool) -> list[Group]:
     d = cells.dropna(subset=["model", "precision", "seq_len", "grad_ckpt"])
-    layout = d["cell_id"].astype(str).str.extract(r"/(ws\d+-[a-z0-9]+)(?:/|$)")[0].fillna("")
+    ids = d["cell_id"].astype(str)
+    layout = ids.str.extract(r"/(ws\d+-[a-z0-9]+)(?:/|$)")[0].fillna("")
+    variant = ids.map(lambda c: variant_of(c, with_stack=with_stack))
     out = []
-    for (dev, model, bs, lay), g in d.groupby(["device_label", "model", d["batch_size"].fillna(1), layout], sort=True):
+    for (dev, model, bs, lay, var), g in d.groupby(["device_label", "model", d["batch_size"].fillna(1), layout,
+                                                     variant], sort=True):
         g = g.sort_values("timestamp", na_position="first").drop_duplicates("cell_id", keep="last")
-        out.append(Group(str(dev), str(model), int(bs), g.reset_index(drop=True), str(lay)))
+        out.append(Group(str(dev), str(model), int(bs), g.reset_index(drop=True), str(lay), str(var)))
     return out
+
+
+def stack_groups(cells: pd.DataFrame) -> list[Group]:
+    """Cells split as ``groups`` does but across stacks (for the stack comparison chart):
+    only groups that hold more than one stack."""
+    return [g for g in _split(cells, with_stack=False) if g.cells["cell_id"].map(stack_of).nunique() > 1]
+
+
+def stack_of(cell_id: str) -> str:
+    """The training stack a cell id names ("hf" when it names none)."""
+    return (re.findall(r"/stack-([a-z0-9_]+)(?=/|$)", str(cell_id)) or ["hf"])[0]
 
 
 def new_figure(width: float, height: float) -> Figure:

@@ -6,7 +6,8 @@ What is measured per run (one precision, one seed: ``judge``):
 - first / final loss: the mean of the first / last ``window`` steps (single steps are
   noisy: every step draws a fresh batch);
 - drop: how much the loss fell, (first - final) / first;
-- final-loss ratio: final / fp32's final of the same seed;
+- final-loss ratio: final / fp32's final of the same seed (a cell of another training
+  stack: plain hf bf16's of the same seed, the same tokens on every stack);
 - largest deviation: max |loss - fp32 loss| over the steps both have finite, and where;
 - non-finite steps: every step whose loss is NaN or inf, with the first value;
 - loss-scaler skips (fp16 and fp16-compute modes): steps GradScaler skipped.
@@ -71,6 +72,13 @@ class StabilityResult:
     problems: list[str] = field(default_factory=list)
     seed: int | None = None
     weights: str = E.RANDOM_WEIGHTS
+    stack: str = "hf"
+    reference: str = "fp32"  # what it is compared with: fp32, or "hf bf16" for another stack's cell
+
+    @property
+    def compared(self) -> bool:
+        """Whether it is judged against a reference (fp32 of the hf stack is the reference)."""
+        return not (self.precision == "fp32" and self.stack == "hf")
 
     @property
     def verdict(self) -> str:
@@ -101,7 +109,8 @@ def _fmt(x: float) -> str:
 
 def judge(rec: dict[str, Any], reference: dict[str, Any] | None,
           th: Thresholds = Thresholds()) -> StabilityResult:
-    """One precision's record against the fp32 reference record (None when it is fp32)."""
+    """One precision's record against its reference record (None when it is fp32): fp32
+    of the same seed, or for another training stack's cell hf bf16 of the same seed."""
     losses = [to_float(x) for x in rec.get("losses") or []]
     n = len(losses)
     w = max(1, min(th.window, n // 4 or 1))
@@ -129,7 +138,7 @@ def judge(rec: dict[str, Any], reference: dict[str, Any] | None,
         if ref_final and final is not None and not nonfinite and final / ref_final > th.max_final_ratio:
             dev = f"; largest deviation {_fmt(max_dev)} at step {max_dev_step} " \
                   f"({_fmt(losses[max_dev_step])} vs {_fmt(ref[max_dev_step])})" if max_dev is not None else ""
-            problems.append(f"diverged from fp32: final loss {_fmt(final)} vs {_fmt(ref_final)} "
+            problems.append(f"diverged from {reference_name(rec)}: final loss {_fmt(final)} vs {_fmt(ref_final)} "
                             f"(ratio {final / ref_final:.2f}, limit {th.max_final_ratio}){dev}")
     return StabilityResult(
         cell_id=rec.get("cell_id", "?"), model=rec.get("model") or "?", precision=rec.get("precision") or "?",
@@ -140,22 +149,33 @@ def judge(rec: dict[str, Any], reference: dict[str, Any] | None,
         first_nonfinite=(nonfinite[0], _fmt(losses[nonfinite[0]])) if nonfinite else None,
         scaler_skipped_steps=rec.get("scaler_skipped_steps"), loss_scaling=rec.get("loss_scaling"),
         diagnosis=diag, problems=problems, seed=(rec.get("spec") or {}).get("seed"),
-        weights=E.weights_label(rec.get("spec")))
+        weights=E.weights_label(rec.get("spec")), stack=_stack(rec), reference=reference_name(rec))
+
+
+def _stack(rec: dict[str, Any]) -> str:
+    return str(rec.get("stack") or (rec.get("spec") or {}).get("stack") or "hf")
+
+
+def reference_name(rec: dict[str, Any]) -> str:
+    return "fp32" if _stack(rec) == "hf" else "hf bf16"
 
 
 def reference_key(rec: dict[str, Any]) -> tuple:
-    """Records compared with each other share everything but the precision."""
+    """Records compared with each other share everything but the precision and the stack."""
     spec = dict(rec.get("spec") or {})
     spec.pop("precision", None)
+    spec.pop("stack", None)
     return tuple(sorted((k, str(v)) for k, v in spec.items()))
 
 
 def judge_all(records: Iterable[dict[str, Any]], th: Thresholds = Thresholds()) -> list[StabilityResult]:
     recs = list(records)
-    refs = {reference_key(r): r for r in recs if r.get("precision") == "fp32"}
+    refs = {(r.get("precision"), reference_key(r)): r for r in recs
+            if r.get("precision") in ("fp32", "bf16") and _stack(r) == "hf"}
     out = []
     for r in recs:
-        ref = None if r.get("precision") == "fp32" else refs.get(reference_key(r))
+        hf = _stack(r) == "hf"
+        ref = None if hf and r.get("precision") == "fp32" else refs.get(("fp32" if hf else "bf16", reference_key(r)))
         out.append(judge(r, ref, th))
     return out
 
@@ -200,7 +220,7 @@ def judge_seeds(runs: list[StabilityResult], th: Thresholds = Thresholds()) -> S
     """One precision's runs, one per seed (each judged against fp32 of its own seed)."""
     first = runs[0]
     ok = [r for r in runs if r.status == "ok"]
-    head = dict(key=first.cell_id, model=first.model, precision=first.precision,
+    head = dict(key=first.cell_id, model=first.model, precision=_label(first),
                 cell_ids=tuple(r.cell_id for r in runs), seeds=tuple(r.seed for r in runs), weights=first.weights)
     failed = tuple(f"{r.cell_id}: {r.status}" for r in runs if r.status != "ok")
     if not ok:
@@ -213,16 +233,16 @@ def judge_seeds(runs: list[StabilityResult], th: Thresholds = Thresholds()) -> S
     drop = E.against_limit("drop", drops, th.min_drop, upper=False, min_repeats=th.min_seeds,
                                                 fmt="{:.1%}") if drops else None
     ratio, reasons = None, list(failed)
-    if first.precision != "fp32":
+    if first.compared:
         ratios = [r.final_ratio for r in ok if r.final_ratio is not None]
         if ratios:
-            ratio = E.against_limit("final / fp32", ratios, th.max_final_ratio, upper=True,
+            ratio = E.against_limit(f"final / {first.reference}", ratios, th.max_final_ratio, upper=True,
                                      min_repeats=th.min_seeds, fmt="{:.3f}")
         else:
-            reasons.append("no fp32 reference trained")
+            reasons.append(f"no {first.reference} reference trained")
     checks = [c for c in (drop, ratio) if c is not None]
     verdict = _check_verdict(checks)
-    if first.precision != "fp32" and ratio is None:
+    if first.compared and ratio is None:
         verdict = UNSTABLE if verdict == UNSTABLE else INCONCLUSIVE
     return SeedsVerdict(verdict=verdict, drop=drop, ratio=ratio, reasons=tuple(reasons), **head)
 
@@ -242,6 +262,11 @@ def judge_precisions(records: Iterable[dict[str, Any]], th: Thresholds = Thresho
     return [judge_seeds(g, th) for g in repeat_groups(judge_all(recs, th), recs)]
 
 
+def _label(r: StabilityResult) -> str:
+    """The precision, with the training stack where it is not plain hf ("bf16 (unsloth)")."""
+    return r.precision if r.stack == "hf" else f"{r.precision} ({r.stack})"
+
+
 def _cell(x: float | None, fmt: str = "{:.3f}") -> str:
     return "-" if x is None else fmt.format(x)
 
@@ -251,7 +276,7 @@ def _runs_table(results: list[StabilityResult]) -> str:
             "largest deviation (step)", "non-finite steps", "scaler skipped"]
     body = []
     for r in results:
-        body.append([r.model, r.precision, "-" if r.seed is None else r.seed, r.steps, _cell(r.first_loss),
+        body.append([r.model, _label(r), "-" if r.seed is None else r.seed, r.steps, _cell(r.first_loss),
                      _cell(r.final_loss), _cell(r.drop, "{:.0%}"), _cell(r.final_ratio),
                      f"{r.max_abs_deviation:.3f} ({r.max_deviation_step})" if r.max_abs_deviation is not None else "-",
                      f"{len(r.nonfinite_steps)} (first {r.first_nonfinite[0]}: {r.first_nonfinite[1]})"
@@ -280,7 +305,10 @@ def markdown(results: list[StabilityResult], verdicts: list[SeedsVerdict], th: T
            f"fp32's (at most {th.max_final_ratio}x) are judged against the spread over the seeds (noise: max - min): "
            f"**stable** when the median clears each limit by more than the noise, **unstable** when it misses one "
            f"by more than the noise, **inconclusive** when the spread straddles a limit or fewer than "
-           f"{th.min_seeds} seeds ran (one seed measures no spread).", "", markdown_table(head, body), "",
+           f"{th.min_seeds} seeds ran (one seed measures no spread)."
+           + (" A cell of another training stack (its precision says which) is compared with plain hf bf16 of the "
+              "same seed and tokens instead of fp32: its final / fp32 column holds that ratio."
+              if any(r.stack != "hf" for r in results) else ""), "", markdown_table(head, body), "",
            "## Runs", "", _runs_table(results), ""]
     # A non-finite verdict's reasons are its runs' problems, listed next: not twice.
     notes = [f"- {v.key}: {v.verdict}: {v.margin}" for v in verdicts if v.verdict not in (STABLE, NONFINITE)]

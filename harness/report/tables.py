@@ -19,8 +19,16 @@ from harness.report.units import as_float, fmt
 Table = tuple[list[str], list[list[str]]]
 
 
-def _cell(r: pd.Series, with_device: bool) -> list[str]:
-    return ([str(r["device_label"])] if with_device else []) + [str(r["cell_id"])]
+def _dims(cells: pd.DataFrame) -> tuple[bool, bool]:
+    """Which dimensions get a column: the device when cells ran on several, the training
+    stack when they ran on several (it is in the id too; the column makes it plain)."""
+    stacks = cells["stack"].fillna("hf").nunique() if "stack" in cells.columns else 1
+    return cells["device_label"].nunique() > 1, stacks > 1
+
+
+def _cell(r: pd.Series, dims: tuple[bool, bool]) -> list[str]:
+    stack = r.get("stack") if isinstance(r.get("stack"), str) else "hf"
+    return ([str(r["device_label"])] if dims[0] else []) + ([stack] if dims[1] else []) + [str(r["cell_id"])]
 
 
 def _status(r: pd.Series) -> str:
@@ -30,12 +38,12 @@ def _status(r: pd.Series) -> str:
     return f"{st} ({int(n)} records)" if n and n > 1 else st
 
 
-def _heads(with_device: bool, *rest: str) -> list[str]:
-    return (["device"] if with_device else []) + ["cell", *rest]
+def _heads(dims: tuple[bool, bool], *rest: str) -> list[str]:
+    return (["device"] if dims[0] else []) + (["stack"] if dims[1] else []) + ["cell", *rest]
 
 
 def speed_table(cells: pd.DataFrame) -> Table:
-    dev = cells["device_label"].nunique() > 1
+    dev = _dims(cells)
     rows = []
     for _, r in cells.iterrows():
         ok = r["status"] == "ok"
@@ -67,7 +75,7 @@ def _quality(r: pd.Series) -> str:
 
 
 def memory_table(cells: pd.DataFrame) -> Table:
-    dev = cells["device_label"].nunique() > 1
+    dev = _dims(cells)
     rows = []
     for _, r in cells.iterrows():
         rows.append(_cell(r, dev) + [_status(r)] + [
@@ -113,7 +121,7 @@ def _evidence(v: Any) -> str:
 
 
 def training_table(cells: pd.DataFrame) -> Table:
-    dev = cells["device_label"].nunique() > 1
+    dev = _dims(cells)
     rows = []
     for _, r in cells.iterrows():
         losses = [x for x in (r["losses"] if isinstance(r["losses"], list) else []) if x is not None]
@@ -134,14 +142,14 @@ def more_metrics_table(cells: pd.DataFrame) -> Table:
               if f.name in cells.columns and cells[f.name].map(as_float).notna().any()]
     if not fields:
         return [], []
-    dev = cells["device_label"].nunique() > 1
+    dev = _dims(cells)
     rows = [_cell(r, dev) + [_status(r)] + [fmt(f.name, r.get(f.name)) for f in fields] for _, r in cells.iterrows()]
     return _heads(dev, "status", *(f.table for f in fields)), rows
 
 
 def problems_table(cells: pd.DataFrame) -> Table:
     """Cells that are not ok, with the first line of why."""
-    dev = cells["device_label"].nunique() > 1
+    dev = _dims(cells)
     rows = []
     for _, r in cells[cells["status"] != "ok"].iterrows():
         err = str(r["error"] or "no detail").splitlines()[0]
