@@ -30,6 +30,9 @@ GROUPS: list[tuple[str, str, list[str]]] = [
       "optimizer", "load", "seed", "device", "cell-timeout", "fail-on-oom", "no-prune"]),
     ("LoRA", "The adapter every cell trains.",
      ["lora-rank", "lora-alpha", "lora-dropout", "lora-targets", "lora-no-input-cast"]),
+    ("Training stacks, compilation, attention", "Which stack loads and trains the model, and how "
+     "([modes.md](modes.md#training-stacks-torchcompile-and-the-attention-kernel)).",
+     ["stack", "attn", "compile"]),
     ("Run folder, resume and time limit", "Where records go and how a sweep is continued ([the README]"
      "(../README.md#run-folders-and-records)).",
      ["run-dir", "resume", "time-limit", "cache-dir"]),
@@ -43,7 +46,7 @@ GROUPS: list[tuple[str, str, list[str]]] = [
      "to these suites too; `--seq-len`, `--steps`, `--warmup-steps`, `--batch-size`, `--load` and `--matrix` "
      "are the matrix's only.",
      ["compat-model", "compat-seq-len", "compat-steps", "compat-load", "stability-model", "stability-seq-len",
-      "stability-steps"]),
+      "stability-steps", "stability-seeds", "claims-seeds"]),
     ("Several GPUs", "[multi-gpu.md](multi-gpu.md).", ["world-size", "parallel", "gpus"]),
     ("Several machines", "One sweep split into shards, or spread over a Ray cluster ([clusters.md](clusters.md)).",
      ["shard", "shard-history", "ray"]),
