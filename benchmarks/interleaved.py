@@ -314,7 +314,7 @@ def main(argv=None) -> int:
         nvml_index = nvml_index_for_visible_device(0)
     cells: list[dict[str, Any]] = []
     try:
-        checkpoints = ensure_checkpoints(sweeps["harness"].runner, cfg.cells, cfg.cache_dir, cfg.device,
+        checkpoints = ensure_checkpoints(sweeps["harness"].launcher, cfg.cells, cfg.cache_dir, cfg.device,
                                          out / "harness-run" / "logs")
         for i, cell in enumerate(cfg.cells):
             if deadline.passed():

@@ -84,7 +84,8 @@ class Deadline:
 
 def ensure_checkpoints(runner, cells, cache_dir: str | None, device: str, log_dir: Path) -> dict[str, Path]:
     """The synthetic checkpoint of every model whose cells load one (quantised cells), written
-    once through the worker server ``runner``; {model: folder}. SystemExit when it fails."""
+    once through the worker server ``runner`` (a fork-server runner, or a sweep's launcher:
+    anything with ``run_job``); {model: folder}. SystemExit when it fails."""
     from harness.core.models import get_preset
     from harness.cell.build import checkpoint_dir
 
