@@ -26,7 +26,7 @@ CACHE_ENV = "LORA_HARNESS_CACHE"
 # Weights of synthetic checkpoints are drawn from this seed, whatever the cell's seed, so
 # all cells of a preset (and all precisions) share the same base weights.
 CHECKPOINT_SEED = 1234
-# issue 8: free disk space a synthetic checkpoint needs beyond its own size
+# free disk space a synthetic checkpoint needs beyond its own size
 CHECKPOINT_DISK_MARGIN_BYTES = 2 << 30
 
 
@@ -115,7 +115,7 @@ def parameter_count(preset: dict[str, Any]) -> int:
 
 def check_disk_for_checkpoint(preset: dict[str, Any], folder: Path) -> int:
     """Raise CheckpointTooLarge when the bf16 checkpoint (2 bytes a parameter) would not fit
-    the disk holding ``folder`` (issue 8: Llama-3.1-70B is ~141 GB; the H200 hosts have
+    the disk holding ``folder`` (Llama-3.1-70B is ~141 GB; the H200 hosts have
     64-128 GiB of disk). Returns the checkpoint's size in bytes."""
     size = 2 * parameter_count(preset)
     free = shutil.disk_usage(folder).free
@@ -132,7 +132,7 @@ def ensure_checkpoint(preset: dict[str, Any], *, device: str, cache_dir: str | N
 
     Written into a temporary folder and renamed into place, so a crash mid-write never
     leaves a half checkpoint that later cells would load. Writers take an exclusive lock
-    on a file beside it first (issue 8: with ``--gpus 0,1`` two worker servers may want
+    on a file beside it first (with ``--gpus 0,1`` two worker servers may want
     the same checkpoint at once): the second waits for the first, then finds the
     checkpoint complete and loads it, instead of building and writing a second copy.
     """
@@ -147,7 +147,7 @@ def ensure_checkpoint(preset: dict[str, Any], *, device: str, cache_dir: str | N
             log(f"synthetic checkpoint for {preset['name']} written by another worker "
                 f"(waited {time.perf_counter() - t_wait:.1f} s)")
             return final
-        check_disk_for_checkpoint(preset, final.parent)  # issue 8: fail clearly, not with ENOSPC mid-write
+        check_disk_for_checkpoint(preset, final.parent)  # fail clearly, not with ENOSPC mid-write
         _write_checkpoint(preset, final, device=device, log=log)
     return final
 
@@ -182,7 +182,7 @@ def _write_checkpoint(preset: dict[str, Any], final: Path, *, device: str, log) 
 
 
 def ensure_checkpoint_job(model: str, cache_dir: str | None = None, device: str = "auto") -> dict[str, Any]:
-    """A worker job (issue 7's benchmarks): write ``model``'s synthetic checkpoint if needed,
+    """A worker job (the overhead benchmarks'): write ``model``'s synthetic checkpoint if needed,
     on the GPU where there is one, and say where it is."""
     import torch
 
@@ -201,7 +201,7 @@ def load_pretrained(path: str | os.PathLike, *, load_kwargs: dict[str, Any], dev
     )
 
 
-# -- issue 7: pre-quantised int8 checkpoints ----------------------------------------------
+# -- pre-quantised int8 checkpoints -----------------------------------------------------
 # Loading the 8B shape with load_in_8bit takes ~20 s on the H200 (transformers' 8-bit
 # conversion of every weight), against ~3 s for 4-bit. bitsandbytes' int8 layers serialise
 # (int8 weights + their SCB row scales), so the conversion can be done once per cache
@@ -294,7 +294,7 @@ def load_model(spec, *, load_kwargs: dict[str, Any], device: str, cache_dir: str
                prequantized_int8: bool = False):
     """Model for a cell, by the cell's load path. Returns (model, load_info).
 
-    ``prequantized_int8`` (issue 7; int8 cells of presets): load the pre-quantised int8
+    ``prequantized_int8`` (int8 cells of presets): load the pre-quantised int8
     checkpoint (written on first use) through the same ``from_pretrained`` call."""
     t0 = time.perf_counter()
     path = spec.model_path
@@ -314,7 +314,7 @@ def load_model(spec, *, load_kwargs: dict[str, Any], device: str, cache_dir: str
             target = prequantized_int8_dir(preset, load_kwargs, device, cache_dir) if prequantized_int8 \
                 else checkpoint_dir(preset, cache_dir)
             if not (target / ".complete").is_file():
-                info["checkpoint_written_in_cell"] = True  # issue 7: this cell paid for writing it
+                info["checkpoint_written_in_cell"] = True  # this cell paid for writing it
             if prequantized_int8:
                 path = ensure_prequantized_int8(get_preset(spec.model), load_kwargs=load_kwargs, device=device,
                                                 cache_dir=cache_dir, log=log)

@@ -140,7 +140,7 @@ class Evidence:
         seen: set[int] = set()
         if model is not None:
             for t in itertools.chain(model.parameters(), model.buffers()):
-                t = t.to_local() if hasattr(t, "to_local") else t  # issue 8: FSDP2 shards are DTensors
+                t = t.to_local() if hasattr(t, "to_local") else t  # FSDP2 shards are DTensors
                 seen.add(t.untyped_storage().data_ptr())
 
         def pack(t):

@@ -30,7 +30,7 @@ def sample_tokens(vocab_size: int, seq_len: int, batch_size: int, seed: int, *,
 
     Position 0 and every position that does not follow the chain take their noise draw;
     a position ``d`` steps after such a reset holds ``succ`` applied ``d`` times to the
-    reset's token. Computed that way with a table of the successor's powers (issue 7: the
+    reset's token. Computed that way with a table of the successor's powers (the
     former per-position loop took ~50 ms at 32k tokens, this ~1 ms; the same draws, the
     same tokens: ``_sample_tokens_loop`` is kept as the reference the tests compare to).
     """

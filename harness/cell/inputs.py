@@ -45,7 +45,7 @@ def text_config(config: Any) -> Any:
 def build(spec, config: Any, preset: dict[str, Any] | None, n_steps: int, start: int = 0) -> StepInputs:
     """``n_steps`` batches for ``spec`` on a model with this (transformers) ``config``;
     ``start`` > 0 gives the batches of steps ``start``, ``start + 1``, ... (the same ones a
-    single call for more steps would have built: issue 7's adaptive window extends its
+    single call for more steps would have built: the adaptive window extends its
     batches this way)."""
     import numpy as np
     import torch

@@ -56,7 +56,7 @@ def page_blocks(rs: RunSet, charts: Sequence[tuple[Chart, dict[str, Path]]], out
                                 str(int((cells["run_dir"] == r.path).sum()))] for r in rs.runs]))
     blocks.append(Para("Commands that produced them (from each run's run.json):"))
     blocks.append(Code("\n".join(f"# {r.run_id}\n" + ("\n".join(r.commands) or "(not recorded)") for r in rs.runs)))
-    blocks += gpu_model_blocks(cells, charts, out_dir)  # issue 8: runs from several GPU models
+    blocks += gpu_model_blocks(cells, charts, out_dir)  # runs from several GPU models
 
     for g in groups(cells):
         blocks.append(Heading(f"Charts: {g.subtitle}"))
@@ -137,7 +137,7 @@ def stack_blocks(rs: RunSet, charts: Sequence[tuple[Chart, dict[str, Path]]], ou
 
 
 def gpu_model_blocks(cells, charts: Sequence[tuple[Chart, dict[str, Path]]], out_dir: Path) -> list[Block]:
-    """issue 8: the same cells on each GPU model, side by side (only with two models or more)."""
+    """The same cells on each GPU model, side by side (only with two models or more)."""
     models = gpu_model_mod.gpu_models(cells)
     if len(models) < 2:
         return []
@@ -174,7 +174,7 @@ def build_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike | No
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         drawn = [(c, save(c, chart_dir, formats)) for c in all_charts(rs.cells)]
-        drawn += [(c, save(c, chart_dir, formats)) for c in gpu_model_mod.comparison_charts(rs.cells)]  # issue 8
+        drawn += [(c, save(c, chart_dir, formats)) for c in gpu_model_mod.comparison_charts(rs.cells)]
         blocks = page_blocks(rs, drawn, out_dir)
         title = "lora-harness report: " + ", ".join(r.run_id for r in rs.runs)
         md = out_dir / "report.md"

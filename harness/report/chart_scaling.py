@@ -184,7 +184,7 @@ def tradeoff_points(cells: pd.DataFrame) -> pd.DataFrame:
     """Per precision, mode and length: memory saved (bytes) and throughput lost (fraction)
     against gc-off at the same length; both cells must be ok. Pure."""
     ok = cells[cells["status"] == "ok"]
-    # a cell recorded several times (repeats under tags, issue 7's benchmarks): its median
+    # a cell recorded several times (repeats under tags, the overhead benchmarks'): its median
     base = ok[ok["grad_ckpt"] == "off"].groupby(["precision", "seq_len"])[["memory_bytes", "tokens_per_s"]].median()
     rows = []
     for _, r in ok[ok["grad_ckpt"] != "off"].iterrows():
