@@ -32,11 +32,18 @@ CPU = {"has_gpu": False}
 
 # -- the option ------------------------------------------------------------------------
 
-def test_the_option_and_what_it_refuses():
+NO_RAY = importlib.util.find_spec("ray") is None
+
+
+@pytest.mark.skipif(NO_RAY, reason="ray is not installed (pip install -e .[ray]); CI installs it")
+def test_the_option_parses_to_a_target():
     assert ray_target({"lh_ray": "auto"}).address == "auto"
     assert ray_target({"ray": "ray://head:10001"}).address == "ray://head:10001"
     local = ray_target({"lh_ray": "local:3"})
     assert local.local and local.local_gpus == 3 and ray_target({"lh_ray": "local"}).local_gpus == 2
+
+
+def test_what_the_option_refuses_is_named_with_or_without_ray():
     assert ray_target({}) is None and build_config({}, CPU).ray is None
     for values, why in (({"lh_ray": "local:0"}, "at least 1"), ({"lh_ray": "auto", "lh_gpus": "0,1"}, "--gpus"),
                         ({"lh_ray": "auto", "lh_world_size": "1,2"}, "--world-size above 1")):

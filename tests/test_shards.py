@@ -226,8 +226,11 @@ def _env(tmp_path, **extra):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     shim = bin_dir / "lora-harness"
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m harness "$@"\n')
-    shim.chmod(0o755)
+    if not shim.exists():  # rewriting it while a started shard execs it fails with "Text file busy"
+        tmp = bin_dir / ".lora-harness.tmp"
+        tmp.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m harness "$@"\n')
+        tmp.chmod(0o755)
+        tmp.replace(shim)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JOB_COMPLETION"))}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
                MKL_NUM_THREADS="1", LORA_RUNS=str(tmp_path / "runs"), LORA_SWEEP="sweep-77",

@@ -58,8 +58,6 @@ def ray_target(values: Mapping[str, Any]) -> RayTarget | None:
     if raw in (None, "", False):
         return None
     text = str(raw).strip()
-    if importlib.util.find_spec("ray") is None:
-        raise SpecError(f"--ray needs the ray package, which is not installed: {INSTALL_HINT}")
     if _value(values, "gpus") not in (None, "", False):
         raise SpecError("--ray runs cells on the Ray cluster's GPUs and --gpus on this host's: give one or the other")
     try:
@@ -79,7 +77,12 @@ def ray_target(values: Mapping[str, Any]) -> RayTarget | None:
                 n = 0
             if n < 1:
                 raise SpecError(f"--ray {text}: local:N needs a number of GPUs of at least 1 (e.g. local:2)")
-        return RayTarget(text, None, n)
-    if not text or text.lower().startswith("local"):
+        target = RayTarget(text, None, n)
+    elif not text or text.lower().startswith("local"):
         raise SpecError(f"--ray {text!r}: give auto, an address (host:6379, ray://host:10001) or local[:N]")
-    return RayTarget(text, "auto" if text.lower() == "auto" else text)
+    else:
+        target = RayTarget(text, "auto" if text.lower() == "auto" else text)
+    # last, so that a bad value is named whether or not ray is installed here
+    if importlib.util.find_spec("ray") is None:
+        raise SpecError(f"--ray needs the ray package, which is not installed: {INSTALL_HINT}")
+    return target
