@@ -94,3 +94,36 @@ def test_the_stacks_step_runs_the_cells_then_the_fit_and_counts_both(queue, tmp_
     answers = [{"budget_bytes": b, "status": "found", "longest": 4096} for b in (24, 40)]
     (d / "fit" / "fit.json").write_text(json.dumps({"rows": [{"answers": answers}] * 6}))
     assert queue._stacks_progress(d) == (True, "12 of 12 cells measured, 12 of 12 fit answers measured")
+
+
+def test_a_step_past_its_limit_is_stopped_with_everything_it_started(queue, tmp_path, monkeypatch, capsys):
+    """A hung cell inside pytest inside a shell: stopping the shell alone would leave the cell
+    holding the GPU while the host tars its results."""
+    import os
+    import time
+
+    pid_file = tmp_path / "grandchild.pid"
+    script = f"sleep 300 & echo $! > {pid_file}; wait"
+    step = queue.Step("hang", "hang", lambda d, budget: ["bash", "-c", script], lambda d: (False, "not started"), min_s=1)
+    monkeypatch.setattr(queue, "OVERRUN_S", 0)
+    started = time.monotonic()
+    assert queue.run_step(step, tmp_path, 1.0) == 124
+    assert time.monotonic() - started < 15 and "stopped at its limit" in capsys.readouterr().out
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":  # killed; only its parent's reaper is left to run
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        pytest.fail("the step's grandchild outlived the step")
+
+
+def test_the_stacks_step_bounds_each_cell(queue, tmp_path):
+    argv = queue._stacks_cmd(tmp_path, 300)
+    assert f"--cell-timeout {queue.STACK_CELL_TIMEOUT_S}" in argv[-1]
