@@ -23,6 +23,7 @@ from harness.core.spec import CellSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+STEPS = 60
 
 
 def _run(*args, timeout=900):
@@ -32,8 +33,11 @@ def _run(*args, timeout=900):
 @pytest.fixture(scope="module")
 def suites_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("suites") / "run"
+    # 60 steps, not the default 100: on the tiny models the verdicts are the same (every loss
+    # falls by 22%, against the 15% limit, over both seeds) for 40 s less of a 2-core CI run;
+    # at 40 steps the drop sits on the limit and the verdicts turn inconclusive
     proc = _run("-m", "pytest", "suites/test_compat.py", "suites/test_stability.py", "-p", "no:cacheprovider",
-                "--device", "cpu", "--run-dir", str(run_dir))
+                "--device", "cpu", "--run-dir", str(run_dir), "--stability-steps", str(STEPS))
     return proc, run_dir
 
 
@@ -80,7 +84,7 @@ def test_stability_table(suites_run):
     assert len(rows) == 10
     for p in PRECISIONS:
         r = rows[("tiny-llama", p)]
-        assert r["verdict"] == "stable" and r["steps"] == 100 and r["drop"] > 0.15, r
+        assert r["verdict"] == "stable" and r["steps"] == STEPS and r["drop"] > 0.15, r
         if p != "fp32":
             assert 0.95 < r["final_ratio"] < 1.05 and r["max_abs_deviation"] is not None
     assert rows[("tiny-llama", "fp16")]["scaler_skipped_steps"] is not None
@@ -88,7 +92,7 @@ def test_stability_table(suites_run):
     over = rows[("tiny-overflow", "fp16")]
     assert over["verdict"] == "non-finite" and over["nonfinite_steps"][0] == 0
     assert over["diagnosis"].startswith("fp16 overflow: activations became inf at step 0")
-    assert over["scaler_skipped_steps"] == 100
+    assert over["scaler_skipped_steps"] == STEPS
     # one verdict per precision over its two seeds, with the margin, the noise and the weights
     verdicts = {(v["model"], v["precision"]): v for v in data["verdicts"]}
     assert len(verdicts) == 10 and all(v["seeds"] == [0, 1] for v in verdicts.values())
@@ -98,7 +102,7 @@ def test_stability_table(suites_run):
     assert bf16["cell_ids"][1].endswith("/stability/seed1") and "(spread of 2 seeds)" in bf16["margin"]
     assert verdicts[("tiny-overflow", "fp16")]["verdict"] == "non-finite"
     curves = data["curves"]
-    assert len(curves) == 20 and all(len(c) == 100 for c in curves.values())
+    assert len(curves) == 20 and all(len(c) == STEPS for c in curves.values())
     assert all(math.isfinite(x) for c, v in curves.items() if "tiny-llama" in c for x in v)
     # the tables can be rebuilt from the records alone
     before = (run_dir / "stability.md").read_text()
