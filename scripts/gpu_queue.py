@@ -79,14 +79,42 @@ def _overhead_cmd(d: Path, budget: float) -> list[str]:
             "--time-limit", f"{budget:.0f}"]
 
 
+def _overhead_settled(cell: dict, planned: int) -> str | None:
+    """Why a cell of the interleaved driver needs no more rounds, or None.
+
+    The driver starts over on each call, so "settled" cannot wait for the planned rounds
+    (about 85 fit in one call): a cell is settled when every comparison is decided, when
+    the undecided ones would need more rounds than planned (their verdict stays "cannot
+    tell" at the noise measured), or when a side ran out of memory (it will again on the
+    same card: the cell is owed on a larger one)."""
+    sides = cell.get("sides") or {}
+    if any(s.get("status") == "oom" for s in sides.values()):
+        return "a side ran out of memory on this card"
+    if not cell.get("rounds") or any(s.get("status") != "ok" for s in sides.values()):
+        return None
+    if len(cell["rounds"]) >= planned if isinstance(cell["rounds"], list) else cell["rounds"] >= planned:
+        return "planned rounds"
+    comps = [c for c in (cell.get("comparisons") or {}).values() if isinstance(c, dict)]
+    open_ = [c for c in comps if c.get("verdict") not in ("met", "missed")]
+    if not open_:
+        return "decided"
+    if all((c.get("rounds_to_decide") or 0) > planned for c in open_):
+        return "the rest cannot be told within the planned rounds"
+    return None
+
+
 def _overhead_progress(d: Path) -> tuple[bool, str]:
     data = _json(d / "interleaved.json")
     if not isinstance(data, dict):
         return False, "not started"
-    cells = data.get("cells") or []
-    want = len(OVERHEAD_CELLS.split(","))
-    decided = [c for c in cells if c.get("complete")]
-    return len(decided) >= want, f"{len(decided)} of {want} cells measured to their planned rounds"
+    planned = int((data.get("settings") or {}).get("rounds") or 200)
+    cells = {c.get("cell"): c for c in data.get("cells") or [] if isinstance(c, dict)}
+    want = OVERHEAD_CELLS.split(",")
+    why = {name: _overhead_settled(cells[name], planned) for name in want if name in cells}
+    settled = [n for n in want if why.get(n)]
+    oom = [n for n in settled if why[n].startswith("a side ran out")]
+    note = f" ({', '.join(oom)}: a side ran out of memory on this card; owed on a larger one)" if oom else ""
+    return len(settled) == len(want), f"{len(settled)} of {len(want)} cells settled{note}"
 
 
 def _diag_cmd(script: str, precisions: str) -> Callable[[Path, float], list[str]]:

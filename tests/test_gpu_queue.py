@@ -127,3 +127,39 @@ def test_a_step_past_its_limit_is_stopped_with_everything_it_started(queue, tmp_
 def test_the_stacks_step_bounds_each_cell(queue, tmp_path):
     argv = queue._stacks_cmd(tmp_path, 300)
     assert f"--cell-timeout {queue.STACK_CELL_TIMEOUT_S}" in argv[-1]
+
+
+def _interleaved(tmp_path, cells):
+    d = tmp_path / "overhead"
+    d.mkdir(exist_ok=True)
+    (d / "interleaved.json").write_text(json.dumps({"settings": {"rounds": 200}, "cells": cells}))
+    return d
+
+
+def _cell(name, rounds=85, sides="ok", **verdicts):
+    comps = {k: {"verdict": v, "rounds_to_decide": n} for k, (v, n) in verdicts.items()}
+    return {"cell": name, "rounds": rounds, "comparisons": comps,
+            "sides": {s: {"status": sides if s == "harness" else "ok"} for s in ("bare", "harness")}}
+
+
+def test_the_overhead_step_ends_when_every_cell_is_settled_not_at_200_rounds(queue, tmp_path):
+    """The driver starts over on each call and about 85 rounds fit in one: a cell whose
+    comparisons are decided, or cannot be decided within the plan, needs no further call."""
+    names = queue.OVERHEAD_CELLS.split(",")
+    decided = _cell(names[1], harness_vs_bare=("met", 37), sampler_cost=("cannot tell", 5480))
+    oom = _cell(names[0], rounds=0, sides="oom", harness_vs_bare=("cannot tell", None))
+    near = _cell(names[2], harness_vs_bare=("met", 40), sampler_cost=("cannot tell", 150))
+    done, how = queue._overhead_progress(_interleaved(tmp_path, [oom, decided, near]))
+    assert not done and how.startswith("2 of 3 cells settled") and f"{names[0]}: a side ran out of memory" in how
+    near["comparisons"]["sampler_cost"]["verdict"] = "missed"
+    done, how = queue._overhead_progress(_interleaved(tmp_path, [oom, decided, near]))
+    assert done and how.startswith("3 of 3 cells settled")
+    done, how = queue._overhead_progress(_interleaved(tmp_path, [decided, near]))  # a cell never reached
+    assert not done and how.startswith("2 of 3")
+    stopped = _cell(names[0], rounds=0, sides="error", harness_vs_bare=("cannot tell", None))
+    assert not queue._overhead_progress(_interleaved(tmp_path, [stopped, decided, near]))[0]
+
+
+def test_the_committed_h100_overhead_run_counts_as_settled(queue):
+    done, how = queue._overhead_progress(ROOT / "reports" / "reference" / "h100-overhead-2026-12-05")
+    assert done and "ran out of memory" in how
