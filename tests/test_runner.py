@@ -1,6 +1,7 @@
 """The runner with workers that really segfault, hang, run out of memory and raise."""
 
 import os
+import re
 import signal
 import time
 
@@ -55,6 +56,9 @@ def test_hang_times_out_and_the_process_is_gone(runner, tmp_path, monkeypatch):
                          env={"HANG_PID_FILE": str(pid_file)})
     rec = classify(out, 3)
     assert rec["status"] == "timeout" and "3 s limit" in rec["error"]
+    # where it hung: the innermost frame of the job's stack, dumped to its log before the kill
+    assert re.search(r'stuck at File ".*tests/workers\.py", line \d+ in hang$', rec["error"]), rec["error"]
+    assert "Current thread" in (tmp_path / "hang.log").read_text()
     assert time.monotonic() - t0 < 30
     pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):

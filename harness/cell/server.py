@@ -93,6 +93,8 @@ def run_job_here(job: dict[str, Any]) -> int:
     sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
     faulthandler.enable(file=sys.stderr)  # a segfault leaves its Python stack in the log
+    # ... and so does a hang: the launcher sends SIGUSR1 before it kills a job at its limit
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     _limit_address_space()
     print(f"[worker {os.getpid()}] job {job.get('job_id')}: {job['target']}", flush=True)
     try:

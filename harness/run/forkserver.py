@@ -59,12 +59,31 @@ def _log_tail(path: str, n: int = 6) -> str:
         return ""
 
 
+def _stuck_at(path: str) -> str | None:
+    """The innermost frame of the main thread in the stack dump that a job writes to its log
+    when it is stopped at its limit (SIGUSR1, faulthandler), or None without a dump."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64000))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    starts = [i for i, line in enumerate(lines) if line.startswith("Current thread ")]
+    if not starts:
+        return None
+    frames = [line.strip() for line in lines[starts[-1] + 1:] if line.strip().startswith("File ")]
+    return frames[0] if frames else None
+
+
 def classify(out: JobOutcome, timeout_s: float) -> dict[str, Any]:
     """The worker half of a record for a job, however it ended (a cell's clock readings
     are left for its launcher: ``harness.run.launch.ForkLauncher``)."""
     if out.timed_out:
+        where = _stuck_at(out.log_path)
         return {"status": Status.TIMEOUT.value,
-                "error": f"killed after the cell's {timeout_s:g} s limit; log ends: {_log_tail(out.log_path, 3)}"}
+                "error": f"killed after the cell's {timeout_s:g} s limit; "
+                         + (f"stuck at {where}" if where else f"log ends: {_log_tail(out.log_path, 3)}")}
     if out.result is not None:
         return dict(out.result)
     if out.signal is not None:
@@ -207,6 +226,7 @@ class ForkServerRunner:
                     break
                 timed_out = True
                 if pid is not None:
+                    _dump_stack(pid)
                     _kill_group(pid)
                 continue
             if ev["event"] == "started":
@@ -233,6 +253,17 @@ class ForkServerRunner:
         if exited.get("server_died"):
             out.extra["server_died"] = True
         return out
+
+
+def _dump_stack(pid: int, wait_s: float = 2.0) -> None:
+    """Ask a job at its limit where it is (its faulthandler writes every thread's stack to
+    the job's log on SIGUSR1), so that a hang is recorded with the line it hung on. Only the
+    job's own process: others in its group have no handler and SIGUSR1 would end them."""
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except OSError:
+        return
+    time.sleep(wait_s)
 
 
 def _kill_group(pid: int) -> None:
