@@ -55,7 +55,8 @@ def test_the_sides_take_turns_and_the_tables_say_so(run):
     assert comps["harness_vs_bare"]["target"] == "ratio >= 0.97" and comps["sampler_cost"]["target"] == "cost < 1%"
     assert comps["torch_peak_allocated"]["geomean_ratio"] is None  # CPU: no allocator peak, never a number
     # the same model, tokens and optimizer: identical losses on the CPU
-    assert cell["losses_vs_bare"] == {n: {"compared": WARM + ROUNDS * K + 1, "max_rel_diff": 0.0}
+    steps = WARM + ROUNDS * K + 1
+    assert cell["losses_vs_bare"] == {n: {"compared": steps, "max_rel_diff": 0.0, "same_for_steps": steps}
                                       for n in ("harness", "harness-nvml-off")}
     assert cell["sides"]["harness"]["busy_profiled"]["reason"]  # off CUDA: None with a reason
     md = (out / "interleaved.md").read_text()
@@ -123,3 +124,23 @@ def test_alternation_is_judged_on_whole_rounds():
     assert alternation(reports, rounds) == {"steps": 5, "overlapping_steps": 0, "order_as_scheduled": True, "ok": True}
     assert not alternation([rep("b", 2, 3, 0), rep("a", 3, 4, 0)], rounds)["order_as_scheduled"]
     assert alternation([rep("a", 0, 2, 0), rep("b", 1, 3, 0)], rounds)["overlapping_steps"] == 1
+
+
+def test_losses_say_how_long_the_sides_trained_together():
+    """On a GPU the sides drift apart after a few steps (non-deterministic kernels) and one
+    spike later makes the largest difference huge: the report says when they parted."""
+    import interleaved_report
+
+    got = interleaved_report._losses({"bare": {"losses": [12.8, 11.5, 6.4, 3.8, 1.7, 1.7]},
+                                      "harness": {"losses": [12.8, 11.5, 6.4, 3.79, 20.6, 1.7]}})
+    h = got["harness"]
+    assert h["compared"] == 6 and h["same_for_steps"] == 3 and h["max_rel_diff"] > 10
+    # the committed H100 cell, rendered again: its sides parted after 5 steps
+    cell = json.loads((ROOT / "reports/reference/h100-overhead-2026-12-05/interleaved.json").read_text())["cells"][1]
+    bare = json.loads((ROOT / "reports/reference/h100-overhead-2026-12-05/bare/bf16_s2048_gc-on.json").read_text())
+    harness = [json.loads(line) for line in (ROOT / "reports/reference/h100-overhead-2026-12-05/harness-run/"
+                                             "results.jsonl").read_text().splitlines()]
+    losses = next(r["losses"] for r in harness if r["cell_id"].startswith("llama-3.1-8b/bf16/s2048/gc-on"))
+    cell["losses_vs_bare"] = interleaved_report._losses({"bare": bare, "harness": {"losses": losses}})
+    md = "\n".join(interleaved_report._cell_md(cell))
+    assert "Losses, harness vs bare (174 steps): the same for the first 5 steps, then apart (within 0.1%)" in md
