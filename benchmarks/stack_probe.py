@@ -141,33 +141,18 @@ def run_hf(args, out: dict, liger: bool) -> None:
     _train(model, _batches(preset["config"]["vocab_size"], args.seq_len, args.warmup + args.steps), args.warmup, out)
 
 
-def _tokenizer_into(folder: Path, vocab: int) -> None:
-    """Unsloth's loader reads a tokenizer from the checkpoint folder: write a word-level one
-    of the model's vocabulary size, with a pad token (else it adds one and resizes)."""
-    if (folder / "tokenizer.json").is_file():
-        return
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = {f"t{i}": i for i in range(vocab - 3)}
-    words.update({"<s>": vocab - 3, "</s>": vocab - 2, "<pad>": vocab - 1})
-    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                            unk_token="t0").save_pretrained(str(folder))
-
-
 def run_unsloth(args, out: dict, four_bit: bool) -> None:
     import unsloth  # first: it patches transformers
     from unsloth import FastLanguageModel
     import torch
 
     from harness.cell.build import ensure_checkpoint
+    from harness.cell.stacks.unsloth import write_tokenizer
     from harness.core.models import get_preset
 
     preset = get_preset(args.model)
     folder = ensure_checkpoint(preset, device="cuda:0", cache_dir=args.cache_dir)
-    _tokenizer_into(folder, preset["config"]["vocab_size"])
+    write_tokenizer(folder, preset["config"]["vocab_size"])
     out["unsloth_version"] = getattr(unsloth, "__version__", None)
     out["unsloth_device_type"] = getattr(unsloth, "DEVICE_TYPE", None)
     t0 = time.perf_counter()

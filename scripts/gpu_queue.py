@@ -92,7 +92,7 @@ def _overhead_settled(cell: dict, planned: int) -> str | None:
         return "a side ran out of memory on this card"
     if not cell.get("rounds") or any(s.get("status") != "ok" for s in sides.values()):
         return None
-    if len(cell["rounds"]) >= planned if isinstance(cell["rounds"], list) else cell["rounds"] >= planned:
+    if cell["rounds"] >= planned:
         return "planned rounds"
     comps = [c for c in (cell.get("comparisons") or {}).values() if isinstance(c, dict)]
     open_ = [c for c in comps if c.get("verdict") not in ("met", "missed")]

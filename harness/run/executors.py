@@ -81,6 +81,17 @@ class Executor(Protocol):
         """Stop every lane's launcher."""
 
 
+def first_of_each_cell(sweep: Steps, jobs: Sequence[Job]) -> list[Job]:
+    """The jobs of a parallel executor, each cell once (the first job naming it), with the
+    sweep's main lane started when one of them will run (not replayed, not past
+    --time-limit), so env.json and run.json exist before the lanes start."""
+    seen: set[str] = set()
+    jobs = [j for j in jobs if not (j[0].cell_id in seen or seen.add(j[0].cell_id))]
+    if any(sweep.resumable(j[0]) is None for j in jobs) and not sweep.config.out_of_time(sweep.started_at):
+        sweep.start()
+    return jobs
+
+
 class SerialExecutor:
     """One lane: one fork server, cells one after another in the order given."""
 

@@ -40,7 +40,7 @@ from harness.core.spec import CellSpec
 from harness.core.fmt import fmt_duration
 from harness.plan.gpus import GpuSlot
 from harness.plan.prune import row_key
-from harness.run.executors import Job, Steps
+from harness.run.executors import Job, Steps, first_of_each_cell
 from harness.run.forkserver import RunnerError
 from harness.run.launch import ForkLauncher, Lane
 
@@ -216,12 +216,9 @@ class GpuPool:
     # -- cells ---------------------------------------------------------------------
     def run_jobs(self, sweep: Steps, jobs: Sequence[Job]) -> list[dict[str, Any]]:
         """Every job over the GPUs, a thread per live GPU; the records in job order."""
-        seen: set[str] = set()
-        jobs = [j for j in jobs if not (j[0].cell_id in seen or seen.add(j[0].cell_id))]
+        jobs = first_of_each_cell(sweep, jobs)
         if not jobs:
             return []
-        if any(sweep.resumable(j[0]) is None for j in jobs) and not sweep.config.out_of_time(sweep.started_at):
-            sweep.start()
         queue = _Queue(jobs, prune=sweep.config.prune, stopping=sweep.stopping)
         # before any server started (every cell replayed or past --time-limit) one lane
         # without a launcher hands the cells to the sweep's main lane

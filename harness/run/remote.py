@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 from harness.core.spec import CellSpec
-from harness.run.executors import Job, Steps
+from harness.run.executors import Job, Steps, first_of_each_cell
 from harness.run.forkserver import RunnerError
 from harness.run.launch import Lane, Launched
 from harness.run.pool import ready_index, record_throughput
@@ -200,12 +200,9 @@ class RemoteExecutor:
     # -- cells ---------------------------------------------------------------------
     def run_jobs(self, sweep: Steps, jobs: Sequence[Job]) -> list[dict[str, Any]]:
         """Every job over the cluster's GPUs; the records in job order."""
-        seen: set[str] = set()
-        jobs = [j for j in jobs if not (j[0].cell_id in seen or seen.add(j[0].cell_id))]
+        jobs = first_of_each_cell(sweep, jobs)
         if not jobs:
             return []
-        if any(sweep.resumable(j[0]) is None for j in jobs) and not sweep.config.out_of_time(sweep.started_at):
-            sweep.start()
         order = {j[0].cell_id: i for i, j in enumerate(jobs)}
         pending, results = list(jobs), {}
         t0 = time.monotonic()
